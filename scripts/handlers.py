@@ -1,0 +1,224 @@
+"""Ignite event handlers that MONAI's handler set lacks.
+
+- :class:`AtomicCheckpoint`: MONAI's ``CheckpointSaver`` writes non-atomically and, on an
+  exception, overwrites the final checkpoint with the failed run's state; a failed run here
+  must never replace a good artefact. This handler writes ``<name>_last.pt`` every epoch
+  (for resume) and the final file only when training completes, both via temp + rename.
+- :class:`RNGState`: torch / numpy / random generator states as a checkpointable object.
+- :class:`LatentScaleFactor`: measures 1 / std of the autoencoder's latents on the public
+  training data when training completes and stores it inside the autoencoder.
+- :class:`MontagePNG`: writes a PNG montage of slices (reconstructions or samples) that the
+  MLflow handler then logs as an artifact.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temp file in the target directory, then rename over ``path``.
+
+    Args:
+        obj: object to save.
+        path: destination; it is replaced only once the new file is complete.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def resume(path: str, objects: Mapping[str, Any], trainer: Engine, map_location: Any = "cpu") -> bool:
+    """Restore a run from the resume checkpoint written by :class:`AtomicCheckpoint`, if it exists.
+
+    Called before ``trainer.run()`` rather than as a STARTED handler: the trainer's handlers
+    cannot reference the trainer in a bundle config (circular reference), and loading before
+    ``run`` guarantees every STARTED handler (e.g. validation at start) sees restored weights.
+    The configured ``max_epochs`` is kept, so a finished run can be extended.
+
+    Args:
+        path: resume checkpoint; a missing file means a fresh run.
+        objects: ``{key: object with load_state_dict}`` matching the saved keys.
+        trainer: the Ignite trainer; its epoch / iteration counters are restored.
+        map_location: ``torch.load`` map location.
+
+    Returns:
+        True if a checkpoint was restored.
+    """
+    if not os.path.isfile(path):
+        return False
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    missing = [k for k in [*objects, "trainer"] if k not in ckpt]
+    if missing:
+        raise KeyError(f"{path}: resume checkpoint lacks {missing}; delete it to start afresh")
+    for key, obj in objects.items():
+        getattr(obj, "module", obj).load_state_dict(ckpt[key])
+    max_epochs = trainer.state.max_epochs
+    trainer.load_state_dict(ckpt["trainer"])
+    if max_epochs is not None:
+        trainer.state.max_epochs = max_epochs
+    logger.info(f"resumed from {path} at epoch {trainer.state.epoch}")
+    return True
+
+
+class RNGState:
+    """The global RNG states (torch, numpy, random) as an object with ``state_dict``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Capture the current generator states."""
+        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore generator states captured by :meth:`state_dict`."""
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["random"])
+
+
+class AtomicCheckpoint:
+    """Save objects every ``save_interval`` epochs to ``last_filename`` and at the end to ``final_filename``.
+
+    The engine's own state (epoch, iteration) is saved under ``"trainer"``; :func:`resume`
+    restores it.
+
+    Args:
+        save_dir: directory of the checkpoints (created if needed).
+        save_dict: ``{key: object with state_dict()}``; plain values are stored as they are.
+        final_filename: file written once training completes (the stage's artefact).
+        last_filename: file rewritten every ``save_interval`` epochs, used to resume.
+        save_interval: epochs between resume checkpoints.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: Mapping[str, Any],
+        final_filename: str,
+        last_filename: str,
+        save_interval: int = 1,
+    ) -> None:
+        self.save_dir, self.save_dict = save_dir, dict(save_dict)
+        self.final_path = os.path.join(save_dir, final_filename)
+        self.last_path = os.path.join(save_dir, last_filename)
+        self.save_interval = save_interval
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``engine``: EPOCH_COMPLETED -> last checkpoint, COMPLETED -> final."""
+        self.save_dict["trainer"] = engine
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save, self.last_path)
+        engine.add_event_handler(Events.COMPLETED, self.save, self.final_path)
+
+    def state(self) -> dict[str, Any]:
+        """The checkpoint content: every object's state_dict (DDP modules unwrapped)."""
+        out = {}
+        for key, obj in self.save_dict.items():
+            obj = getattr(obj, "module", obj) if isinstance(obj, torch.nn.parallel.DistributedDataParallel) else obj
+            out[key] = obj.state_dict() if hasattr(obj, "state_dict") else obj
+        return out
+
+    def save(self, engine: Engine, path: str) -> None:
+        """Write the checkpoint atomically to ``path`` (rank 0 only)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+            return
+        atomic_torch_save(self.state(), path)
+        logger.info(f"epoch {engine.state.epoch}: saved checkpoint {path}")
+
+
+class LatentScaleFactor:
+    """Measure 1 / std of the latents on public data and store it in the autoencoder.
+
+    Runs when training completes; attach it before :class:`AtomicCheckpoint` so the final
+    checkpoint holds the value. Latents are the posterior means of
+    ``autoencoder.encode_stage_2_inputs``, the same the diffusion stage uses.
+
+    Args:
+        autoencoder: :class:`~scripts.networks.SliceAutoencoder` (or its DDP wrapper).
+        data_loader: loader over the PUBLIC training data.
+        device: device to encode on.
+    """
+
+    def __init__(self, autoencoder: torch.nn.Module, data_loader: Any, device: str | torch.device = "cpu") -> None:
+        self.autoencoder, self.data_loader, self.device = autoencoder, data_loader, device
+
+    def attach(self, engine: Engine) -> None:
+        """Register on COMPLETED."""
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    @torch.no_grad()
+    def compute(self) -> float:
+        """Return 1 / std over all latent values of the data loader (streaming moments)."""
+        model = getattr(self.autoencoder, "module", self.autoencoder)
+        was_training = model.training
+        model.eval()
+        count, total, total_sq = 0, 0.0, 0.0
+        for batch in self.data_loader:
+            z = model.encode_stage_2_inputs(batch["image"].to(self.device)).double()
+            count += z.numel()
+            total += float(z.sum())
+            total_sq += float((z * z).sum())
+        model.train(was_training)
+        if count == 0:
+            raise ValueError("latent scale factor: the public training loader yielded no data")
+        std = max((total_sq / count - (total / count) ** 2), 1e-12) ** 0.5
+        return 1.0 / std
+
+    def __call__(self, engine: Engine) -> None:
+        model = getattr(self.autoencoder, "module", self.autoencoder)
+        scale = self.compute()
+        model.scale_factor.fill_(scale)
+        model.scale_factor_measured.fill_(True)
+        engine.state.latent_scale_factor = scale
+        logger.info(f"latent scale factor (1 / std on public training data): {scale:.5f}")
+
+
+def latest(pattern: str) -> str | None:
+    """Most recently modified file matching a glob ``pattern``, or None."""
+    files = glob.glob(pattern)
+    return max(files, key=os.path.getmtime) if files else None
+
+
+class MontagePNG:
+    """Write a PNG montage of mid-ventricular slices made by ``make_images`` when training completes.
+
+    Args:
+        make_images: callable returning a list of (title, (D, H, W) array) pairs.
+        path: PNG file to write (atomically).
+        every: also write every ``every`` epochs (0 = only at the end).
+    """
+
+    def __init__(self, make_images: Callable[[], list[tuple[str, np.ndarray]]], path: str, every: int = 0) -> None:
+        self.make_images, self.path, self.every = make_images, path, every
+
+    def attach(self, engine: Engine) -> None:
+        """Register on COMPLETED (and every ``every`` epochs)."""
+        engine.add_event_handler(Events.COMPLETED, self)
+        if self.every > 0:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        from scripts.visualize import save_montage
+
+        save_montage(self.make_images(), self.path)
+        logger.info(f"saved montage {self.path}")

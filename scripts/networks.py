@@ -1,0 +1,226 @@
+"""Networks: a slice-wise AutoencoderKL, the attribute encoder, and the conditioned LDM UNet.
+
+MONAI core provides ``AutoencoderKL`` and ``DiffusionModelUNet``; what it lacks is (a) an
+autoencoder that compresses a short-axis stack in-plane only (a SAX stack has few, thick
+slices, and MONAI's downsampling is isotropic), and (b) an encoder that turns a vector of
+possibly-missing medical attributes into cross-attention tokens. Both are small wrappers.
+
+Every layer here normalises per sample (GroupNorm / LayerNorm), never across a batch, so
+the networks are valid for DP-SGD (DESIGN.md section 4.4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from torch import nn
+
+from scripts.attributes import ATTRIBUTE_NAMES
+
+
+class SliceAutoencoder(nn.Module):
+    """A 2D ``AutoencoderKL`` applied to every slice of a (B, C, D, H, W) stack.
+
+    Compression is in-plane only (by ``2 ** (len(channels) - 1)`` in H and W); the depth is
+    kept. The latent scale factor (1 / std of public-training latents) is a buffer, so it
+    travels inside the checkpoint and later stages never recompute it on other data.
+
+    Args:
+        kwargs: forwarded to ``monai.networks.nets.AutoencoderKL`` (``spatial_dims`` is 2).
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        kwargs.pop("spatial_dims", None)
+        self.init_kwargs = dict(kwargs)  # stored in checkpoints so later stages rebuild the same network
+        self.autoencoder = AutoencoderKL(spatial_dims=2, **kwargs)
+        self.register_buffer("scale_factor", torch.tensor(1.0))
+        # 0 until the pre-training stage has measured the scale factor on public data.
+        self.register_buffer("scale_factor_measured", torch.tensor(False))
+
+    @staticmethod
+    def _to_slices(x: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = x.shape
+        return x.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
+
+    @staticmethod
+    def _to_stack(x: torch.Tensor, batch: int) -> torch.Tensor:
+        bd, c, h, w = x.shape
+        return x.reshape(batch, bd // batch, c, h, w).permute(0, 2, 1, 3, 4)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (z_mu, z_sigma), each (B, latent_channels, D, H/f, W/f)."""
+        z_mu, z_sigma = self.autoencoder.encode(self._to_slices(x))
+        return self._to_stack(z_mu, x.shape[0]), self._to_stack(z_sigma, x.shape[0])
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode a (B, latent_channels, D, h, w) latent to a (B, C, D, H, W) stack."""
+        return self._to_stack(self.autoencoder.decode(self._to_slices(z)), z.shape[0])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (reconstruction, z_mu, z_sigma) like ``AutoencoderKL.forward``.
+
+        In training the latent is sampled from the posterior; in eval mode its mean is used,
+        so validation losses are deterministic.
+        """
+        z_mu, z_sigma = self.encode(x)
+        z = z_mu + torch.randn_like(z_sigma) * z_sigma if self.training else z_mu
+        return self.decode(z), z_mu, z_sigma
+
+    def encode_stage_2_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic latent (the posterior mean) for the diffusion stage, before scaling."""
+        return self.encode(x)[0]
+
+    def decode_stage_2_outputs(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode an unscaled latent."""
+        return self.decode(z)
+
+
+class AttributeEncoder(nn.Module):
+    """Turn (attribute values, missing-mask) into one cross-attention token per attribute.
+
+    Each attribute has its own ``Linear(1 -> dim)`` embedding; a missing attribute gets a
+    learned "missing" embedding instead; tokens then pass SELU and a pre-norm self-attention
+    block across the attribute tokens (as in the paper's released code). Built from Linear,
+    Embedding and LayerNorm only, so every Opacus per-sample-gradient mode supports it.
+
+    The condition is one tensor (B, A, 2): channel 0 holds the normalised values, channel 1
+    the missing flag. Any non-zero flag means missing, so MONAI's classifier-free guidance,
+    which fills the unconditional condition with -1, yields the all-missing condition.
+
+    Args:
+        num_attributes: number of attributes A.
+        dim: token size (the UNet's ``cross_attention_dim``).
+        num_heads: heads of the self-attention across tokens.
+    """
+
+    def __init__(self, num_attributes: int = len(ATTRIBUTE_NAMES), dim: int = 64, num_heads: int = 4) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attribute encoder: dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_attributes, self.dim, self.num_heads = num_attributes, dim, num_heads
+        self.value_embeddings = nn.ModuleList(nn.Linear(1, dim) for _ in range(num_attributes))
+        self.missing_embedding = nn.Embedding(num_attributes, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.out_norm = nn.LayerNorm(dim)
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        """Map a (B, A, 2) condition to (B, A, dim) tokens."""
+        if condition.ndim != 3 or condition.shape[1:] != (self.num_attributes, 2):
+            raise ValueError(
+                f"attribute encoder: expected condition of shape (B, {self.num_attributes}, 2), got {tuple(condition.shape)}"
+            )
+        values, missing = condition[..., 0:1], (condition[..., 1:2] != 0)
+        embedded = torch.stack([emb(values[:, i]) for i, emb in enumerate(self.value_embeddings)], dim=1)
+        missing_tokens = self.missing_embedding.weight.unsqueeze(0).expand_as(embedded)
+        # torch.where selects, so a masked value has no influence on the output or gradients.
+        tokens = nn.functional.selu(torch.where(missing, missing_tokens, embedded))
+        b, a, d = tokens.shape
+        q, k, v = self.qkv(self.norm(tokens)).reshape(b, a, 3, self.num_heads, d // self.num_heads).unbind(2)
+        attn = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        tokens = tokens + self.proj(attn.transpose(1, 2).reshape(b, a, d))
+        return self.out_norm(tokens)
+
+
+class ConditionalDiffusionUNet(nn.Module):
+    """``DiffusionModelUNet`` conditioned on attributes through an :class:`AttributeEncoder`.
+
+    The forward signature matches what MONAI's ``DiffusionInferer`` calls
+    (``x, timesteps, context``), with ``context`` the (B, A, 2) attribute condition.
+
+    Args:
+        attribute_dim: token size of the attribute encoder (= cross-attention dim).
+        attribute_heads: heads of the attribute self-attention.
+        num_attributes: number of attributes.
+        unet_kwargs: forwarded to ``DiffusionModelUNet`` (``with_conditioning`` and
+            ``cross_attention_dim`` are set here).
+    """
+
+    def __init__(
+        self,
+        attribute_dim: int = 64,
+        attribute_heads: int = 4,
+        num_attributes: int = len(ATTRIBUTE_NAMES),
+        **unet_kwargs,
+    ) -> None:
+        super().__init__()
+        self.init_kwargs = dict(
+            attribute_dim=attribute_dim, attribute_heads=attribute_heads, num_attributes=num_attributes, **unet_kwargs
+        )
+        self.attribute_encoder = AttributeEncoder(num_attributes, attribute_dim, attribute_heads)
+        unet_kwargs.update(with_conditioning=True, cross_attention_dim=attribute_dim)
+        self.unet = DiffusionModelUNet(**unet_kwargs)
+        self.num_attributes = num_attributes
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the noise (or v) for latent ``x`` at ``timesteps`` given the condition."""
+        if context is None:  # unconditional: every attribute missing
+            context = torch.zeros(x.shape[0], self.num_attributes, 2, device=x.device, dtype=x.dtype)
+            context[..., 1] = 1.0
+        return self.unet(x, timesteps, context=self.attribute_encoder(context))
+
+
+def check_latent_shape(spatial_size: Sequence[int], latent_shape: Sequence[int], autoencoder: SliceAutoencoder) -> None:
+    """Raise ``ValueError`` unless ``latent_shape`` is what the autoencoder makes of ``spatial_size``.
+
+    Args:
+        spatial_size: image (D, H, W).
+        latent_shape: configured latent (C, D, h, w).
+        autoencoder: the slice-wise autoencoder.
+    """
+    factor = 2 ** _num_downsamples(autoencoder)
+    d, h, w = spatial_size
+    expected = (autoencoder.autoencoder.latent_channels, d, h // factor, w // factor)
+    if tuple(latent_shape) != expected:
+        raise ValueError(
+            f"config field 'latent_shape': {list(latent_shape)} does not match the autoencoder's latent for "
+            f"spatial_size {list(spatial_size)}; expected {list(expected)} (C, D, H/{factor}, W/{factor})"
+        )
+
+
+def _num_downsamples(autoencoder: SliceAutoencoder) -> int:
+    from monai.networks.nets.autoencoderkl import AEKLDownsample
+
+    return sum(isinstance(m, AEKLDownsample) for m in autoencoder.autoencoder.encoder.modules())
+
+
+def load_checkpoint(path: str, produced_by: str, device: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint dict, or fail with the command of the stage that produces it.
+
+    Args:
+        path: checkpoint file.
+        produced_by: the bundle command that writes this file (for the error message).
+        device: map_location.
+
+    Returns:
+        the checkpoint dict.
+    """
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found; it is produced by: {produced_by}")
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+def load_autoencoder(path: str, device: str | torch.device = "cpu") -> SliceAutoencoder:
+    """Rebuild the pre-trained autoencoder from its checkpoint, frozen, with its scale factor.
+
+    Args:
+        path: autoencoder checkpoint written by the autoencoder stage.
+        device: device of the returned network.
+
+    Returns:
+        the autoencoder in eval mode with ``requires_grad=False``.
+    """
+    ckpt = load_checkpoint(
+        path, "python -m monai.bundle run training --config_file configs/train_autoencoder.yaml", device
+    )
+    model = SliceAutoencoder(**ckpt["architecture"])
+    model.load_state_dict(ckpt["network"])
+    if not bool(model.scale_factor_measured):
+        raise ValueError(f"{path}: the latent scale factor was never measured (the autoencoder stage did not complete)")
+    return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,88 @@
+"""PNG montages of short-axis slices (reconstructions, samples)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from scripts.engines import make_condition
+
+
+def save_montage(images: Sequence[tuple[str, np.ndarray]], path: str, slices: int = 3) -> str:
+    """Save a grid: one row per volume, ``slices`` evenly spaced slices (base to apex) per row.
+
+    Args:
+        images: (title, (D, H, W) array) pairs.
+        path: PNG path (written atomically).
+        slices: slices shown per volume.
+
+    Returns:
+        the PNG path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(len(images), 1)
+    fig, axes = plt.subplots(rows, slices, figsize=(2.0 * slices, 2.0 * rows), squeeze=False)
+    for r, (title, vol) in enumerate(images):
+        vol = np.asarray(vol, dtype=np.float32)
+        idx = np.linspace(vol.shape[0] * 0.25, vol.shape[0] * 0.75, slices).astype(int)
+        for c, z in enumerate(idx):
+            ax = axes[r, c]
+            ax.imshow(vol[z], cmap="gray", vmin=0.0, vmax=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(title, fontsize=7)
+            if r == 0:
+                ax.set_title(f"slice {z}", fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+@torch.no_grad()
+def reconstructions(autoencoder: nn.Module, dataset: Sequence[dict], count: int, device: str | torch.device) -> list:
+    """(title, volume) pairs: each of the first ``count`` items and its reconstruction."""
+    model = getattr(autoencoder, "module", autoencoder)
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(min(count, len(dataset))):
+        item = dataset[i]
+        recon = model(item["image"][None].to(device))[0]
+        out += [(f"{item['id']} input", item["image"][0].cpu().numpy()), ("reconstruction", recon[0, 0].cpu().numpy())]
+    model.train(was_training)
+    return out
+
+
+def samples(
+    autoencoder: nn.Module,
+    network: nn.Module,
+    scheduler,
+    dataset: Sequence[dict],
+    count: int,
+    latent_shape: Sequence[int],
+    device: str | torch.device,
+    guidance_scale: float | None = None,
+) -> list:
+    """(title, volume) pairs: samples conditioned on the attributes of the first ``count`` items."""
+    from scripts.sampling import sample_volumes
+
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    condition = torch.stack([make_condition(it["attributes"], it["missing"]) for it in items]).to(device)
+    model = getattr(network, "module", network)
+    vols = sample_volumes(autoencoder, model, scheduler, condition, latent_shape, guidance_scale, seed=0)
+    return [(f"sample | {it['id']} attrs", v[0].clamp(0, 1).cpu().numpy()) for it, v in zip(items, vols)]
