@@ -1,0 +1,205 @@
+"""Public pre-training stages (autoencoder, latent diffusion) as bundle runs, end to end on tiny sizes."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import torch
+
+from scripts.engines import LatentDiffusionPrepareBatch, make_condition
+from scripts.handlers import LatentScaleFactor
+from scripts.networks import ConditionalDiffusionUNet, load_autoencoder
+
+AE = "['configs/train_autoencoder.yaml','configs/small_autoencoder.yaml']"
+LDM = "['configs/train_diffusion.yaml','configs/small_diffusion.yaml']"
+TINY = ["--spatial_size", "[8,48,48]", "--num_workers", "0"]
+LATENT = ["--latent_shape", "[4,8,12,12]"]
+
+
+def _ae(bundle, root, cohort, *extra):
+    return bundle("run", "training", "--config_file", AE, "--dataset_dir", str(cohort), "--bundle_root", str(root), *TINY, *extra)
+
+
+def _ldm(bundle, root, cohort, *extra):
+    return bundle(
+        "run", "training", "--config_file", LDM, "--dataset_dir", str(cohort), "--bundle_root", str(root), *TINY, *LATENT, *extra
+    )
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, cohorts, bundle):
+    """Both pre-training stages, 3 epochs each, in one bundle root."""
+    root = tmp_path_factory.mktemp("bundle")
+    ae = _ae(bundle, root, cohorts["public"], "--epochs", "3")
+    assert ae.returncode == 0, ae.stderr[-3000:]
+    ldm = _ldm(bundle, root, cohorts["public"], "--epochs", "3")
+    assert ldm.returncode == 0, ldm.stderr[-3000:]
+    return root
+
+
+def _runs(root, prefix):
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'eval' / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("cardiac_ldm")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name.startswith(prefix)]
+    return client, runs
+
+
+def test_autoencoder_checkpoint_and_scale_factor(pretrained, cohorts, attribute_ranges):
+    ckpt = torch.load(pretrained / "models" / "autoencoder.pt", weights_only=False)
+    assert {"network", "optimizer", "lr_scheduler", "ema", "rng", "trainer", "architecture"} <= set(ckpt)
+    assert ckpt["trainer"]["iteration"] == 3 * ckpt["trainer"]["epoch_length"]
+    ae = load_autoencoder(str(pretrained / "models" / "autoencoder.pt"))
+    # the stored scale factor is 1 / std of the latents of the PUBLIC training split
+    from scripts.data import get_dataset
+
+    ds = get_dataset(str(cohorts["public"] / "datalist.json"), "training", (8, 48, 48), attribute_ranges)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4)
+    assert float(ae.scale_factor) == pytest.approx(LatentScaleFactor(ae, loader).compute(), rel=1e-4)
+    assert float(ae.scale_factor) != 1.0
+
+
+def test_autoencoder_learns_and_is_tracked(pretrained):
+    client, runs = _runs(pretrained, "autoencoder_")
+    assert len(runs) == 1
+    run = runs[0]
+    history = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_l1"), key=lambda m: m.step)]
+    assert len(history) == 4  # before training + 3 epochs
+    assert history[-1] < history[0]
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 3
+    assert run.data.params["stage"] == "autoencoder"
+    assert run.data.params["checkpoint"].endswith("models/autoencoder.pt")
+    assert "autoencoder_reconstructions.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert run.info.status == "FINISHED"
+
+
+def test_diffusion_checkpoint_learns_and_is_tracked(pretrained):
+    ckpt = torch.load(pretrained / "models" / "diffusion.pt", weights_only=False)
+    ae = torch.load(pretrained / "models" / "autoencoder.pt", weights_only=False)
+    assert ckpt["scale_factor"] == pytest.approx(float(ae["network"]["scale_factor"]))
+    assert ckpt["latent_shape"] == [4, 8, 12, 12]
+    assert ckpt["scheduler"] == {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1e-4, "beta_end": 7e-2}
+    net = ConditionalDiffusionUNet(**ckpt["architecture"])
+    net.load_state_dict(ckpt["ema"])
+    client, runs = _runs(pretrained, "diffusion_")
+    (run,) = runs
+    history = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_loss"), key=lambda m: m.step)]
+    assert len(history) == 4 and history[-1] < history[0]
+    assert "diffusion_samples.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
+def test_diffusion_reads_scale_factor_from_autoencoder_checkpoint(pretrained, tmp_path):
+    ckpt = torch.load(pretrained / "models" / "autoencoder.pt", weights_only=False)
+    ckpt["network"]["scale_factor"] = torch.tensor(7.0)
+    path = tmp_path / "ae.pt"
+    torch.save(ckpt, path)
+    ae = load_autoencoder(str(path))
+    prep = LatentDiffusionPrepareBatch(ae, num_train_timesteps=10, seed=0)
+    batch = {
+        "image": torch.rand(2, 1, 8, 48, 48),
+        "attributes": torch.zeros(2, 14),
+        "missing": torch.zeros(2, 14),
+        "id": ["a", "b"],
+    }
+    latents, *_ = prep(batch)
+    torch.testing.assert_close(latents, ae.encode_stage_2_inputs(batch["image"]) * 7.0)
+
+
+def test_unmeasured_scale_factor_is_rejected(pretrained, tmp_path):
+    ckpt = torch.load(pretrained / "models" / "autoencoder.pt", weights_only=False)
+    ckpt["network"]["scale_factor_measured"] = torch.tensor(False)
+    torch.save(ckpt, tmp_path / "ae.pt")
+    with pytest.raises(ValueError, match="scale factor was never measured"):
+        load_autoencoder(str(tmp_path / "ae.pt"))
+
+
+def test_masked_attributes_do_not_change_the_output():
+    torch.manual_seed(0)
+    net = ConditionalDiffusionUNet(
+        attribute_dim=16, attribute_heads=2, spatial_dims=3, in_channels=4, out_channels=4, channels=[16, 32],
+        attention_levels=[False, True], num_res_blocks=1, num_head_channels=[0, 8], norm_num_groups=8,
+    ).eval()
+    with torch.no_grad():  # MONAI zero-initialises the output conv; give every weight a value
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    x, t = torch.randn(2, 4, 4, 8, 8), torch.tensor([3, 7])
+    values, missing = torch.randn(2, 14), torch.zeros(2, 14)
+    missing[:, [2, 8]] = 1.0
+    base = net(x, t, make_condition(values, missing))
+    changed = values.clone()
+    changed[:, [2, 8]] += 5.0  # masked: no effect
+    torch.testing.assert_close(net(x, t, make_condition(changed, missing)), base)
+    changed[:, 0] += 5.0  # present: changes the prediction
+    assert not torch.allclose(net(x, t, make_condition(changed, missing)), base)
+
+
+def test_resume_continues_exactly(pretrained, tmp_path, cohorts, bundle):
+    """A 3-epoch run stopped after 2 and resumed ends with the weights of 3 epochs straight.
+
+    The first run plans 3 epochs (LR schedule) but stops after 2, like a killed run.
+    """
+    first = _ae(bundle, tmp_path, cohorts["public"], "--epochs", "2", "--lr_scheduler#T_max", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _ae(bundle, tmp_path, cohorts["public"], "--epochs", "3")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout + second.stderr
+    resumed = torch.load(tmp_path / "models" / "autoencoder.pt", weights_only=False)
+    straight = torch.load(pretrained / "models" / "autoencoder.pt", weights_only=False)
+    assert resumed["trainer"]["iteration"] == straight["trainer"]["iteration"]
+    for key in ("network", "ema"):
+        for name, value in straight[key].items():
+            torch.testing.assert_close(resumed[key][name], value, msg=f"{key}.{name}")
+
+
+def test_wrong_latent_shape_is_a_clear_error(pretrained, cohorts, bundle):
+    proc = bundle(
+        "run", "training", "--config_file", LDM, "--dataset_dir", str(cohorts["public"]), "--bundle_root", str(pretrained),
+        *TINY, "--latent_shape", "[4,8,10,10]", "--epochs", "1", "--resume", "False",
+    )
+    assert proc.returncode != 0
+    assert "config field 'latent_shape': [4, 8, 10, 10]" in proc.stderr and "expected [4, 8, 12, 12]" in proc.stderr
+
+
+def test_unknown_attribute_in_config_is_a_clear_error(pretrained, cohorts, bundle, tmp_path, attribute_ranges):
+    import yaml
+
+    extra = tmp_path / "ranges.yaml"
+    extra.write_text(yaml.safe_dump({"attribute_ranges": dict(attribute_ranges, LVMASS=[50.0, 300.0])}))
+    files = f"['configs/train_diffusion.yaml','configs/small_diffusion.yaml','{extra}']"
+    proc = bundle(
+        "run", "training", "--config_file", files, "--dataset_dir", str(cohorts["public"]), "--bundle_root", str(pretrained),
+        *TINY, *LATENT, "--epochs", "1", "--resume", "False",
+    )
+    assert proc.returncode != 0
+    assert "config field 'attribute_ranges': unknown attribute(s) ['LVMASS']" in proc.stderr
+
+
+def test_missing_autoencoder_names_the_stage(tmp_path, cohorts, bundle):
+    proc = _ldm(bundle, tmp_path, cohorts["public"], "--epochs", "1")
+    assert proc.returncode != 0
+    assert "autoencoder.pt not found; it is produced by: python -m monai.bundle run training --config_file configs/train_autoencoder.yaml" in proc.stderr
+
+
+def test_multi_process_diffusion_with_gloo(pretrained, tmp_path, cohorts):
+    """configs/multi_gpu_train_diffusion.yaml under torchrun with 2 CPU processes (gloo)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    shutil.copytree(pretrained / "models", tmp_path / "models", ignore=shutil.ignore_patterns("diffusion*"))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "training",
+        "--config_file", "['configs/train_diffusion.yaml','configs/small_diffusion.yaml','configs/multi_gpu_train_diffusion.yaml']",
+        "--dataset_dir", str(cohorts["public"]), "--bundle_root", str(tmp_path), *TINY, *LATENT, "--epochs", "2",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, MPLBACKEND="Agg"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "models" / "diffusion.pt", weights_only=False)
+    assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]
+    assert not any(k.startswith("module.") for k in ckpt["network"])  # saved unwrapped, loadable single-process
+    _, runs = _runs(tmp_path, "diffusion_")
+    assert len(runs) == 1  # only rank 0 logs
