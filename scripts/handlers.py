@@ -112,7 +112,8 @@ class AtomicCheckpoint:
 
     Args:
         save_dir: directory of the checkpoints (created if needed).
-        save_dict: ``{key: object with state_dict()}``; plain values are stored as they are.
+        save_dict: ``{key: object with state_dict()}``; callables are called at save time,
+            plain values are stored as they are.
         final_filename: file written once training completes (the stage's artefact).
         last_filename: file rewritten every ``save_interval`` epochs, used to resume.
         save_interval: epochs between resume checkpoints.
@@ -142,7 +143,10 @@ class AtomicCheckpoint:
         out = {}
         for key, obj in self.save_dict.items():
             obj = getattr(obj, "module", obj) if isinstance(obj, torch.nn.parallel.DistributedDataParallel) else obj
-            out[key] = obj.state_dict() if hasattr(obj, "state_dict") else obj
+            if hasattr(obj, "state_dict"):
+                out[key] = obj.state_dict()
+            else:  # a callable is evaluated at save time (e.g. a privacy ledger that grows every step)
+                out[key] = obj() if callable(obj) else obj
         return out
 
     def save(self, engine: Engine, path: str) -> None:

@@ -224,3 +224,33 @@ def load_autoencoder(path: str, device: str | torch.device = "cpu") -> SliceAuto
     if not bool(model.scale_factor_measured):
         raise ValueError(f"{path}: the latent scale factor was never measured (the autoencoder stage did not complete)")
     return model.to(device).eval().requires_grad_(False)
+
+
+def load_diffusion(path: str, device: str | torch.device = "cpu", weights: str = "ema") -> tuple[ConditionalDiffusionUNet, dict]:
+    """Rebuild the conditioned diffusion UNet from a checkpoint of the diffusion stage.
+
+    Args:
+        path: checkpoint written by the diffusion pre-training (or DP fine-tuning) stage.
+        device: device of the returned network.
+        weights: ``"ema"`` (default) or ``"network"`` (the raw weights).
+
+    Returns:
+        (network, checkpoint dict) — the dict holds ``latent_shape``, ``scale_factor``,
+        ``scheduler`` and the other model information stored beside the weights.
+    """
+    ckpt = load_checkpoint(path, "python -m monai.bundle run training --config_file configs/train_diffusion.yaml", device)
+    if weights not in ("ema", "network"):
+        raise ValueError(f"weights must be 'ema' or 'network', got {weights!r}")
+    model = ConditionalDiffusionUNet(**ckpt["architecture"])
+    model.load_state_dict(ckpt[weights])
+    return model.to(device), ckpt
+
+
+def check_same_autoencoder(diffusion_info: dict, autoencoder: SliceAutoencoder, autoencoder_path: str) -> None:
+    """Raise ``ValueError`` if the autoencoder's scale factor is not the one the diffusion model was trained with."""
+    expected, actual = float(diffusion_info["scale_factor"]), float(autoencoder.scale_factor)
+    if abs(expected - actual) > 1e-6 * max(1.0, abs(expected)):
+        raise ValueError(
+            f"{autoencoder_path}: latent scale factor {actual:.6g} differs from the {expected:.6g} the diffusion model was "
+            f"trained with (autoencoder {diffusion_info.get('autoencoder')}); use that autoencoder"
+        )
