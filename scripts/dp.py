@@ -392,8 +392,9 @@ class DPEngine:
         device: device of the computation.
         noise_seed: seed of the DP noise; None (default) draws it from OS entropy, so the
             noise cannot be regenerated from the config.
-        noise_multiplier: use this sigma instead of calibrating (tests; the report still
-            states the epsilon it gives).
+        noise_multiplier: use this sigma instead of calibrating (the report still states
+            the epsilon it gives). 0 switches the noise off (epsilon is infinite, so it needs
+            ``target_epsilon=inf``): only for sensitivity tests.
     """
 
     def __init__(
@@ -505,11 +506,15 @@ class DPEngine:
 
     def epsilon(self) -> float:
         """Epsilon of the whole ledger: earlier stages composed with this stage's accountant history."""
+        if self.noise_multiplier == 0 and self.steps_done > 0:
+            return math.inf
         history = self._history(self.prior) + [tuple(h) for h in self.accountant.history]
         return compose_epsilon(history, self.delta, self.accountant_name) if history else 0.0
 
     def _fits(self, steps: int) -> bool:
         """Whether ``steps`` steps of this stage keep the whole ledger within the target."""
+        if self.noise_multiplier == 0 and steps > 0:  # noise off: no privacy, only an infinite target allows it
+            return math.isinf(self.target_epsilon)
         history = self._history(self.prior) + ([(self.noise_multiplier, self.sample_rate, steps)] if steps > 0 else [])
         return not history or compose_epsilon(history, self.delta, self.accountant_name) <= self.target_epsilon
 

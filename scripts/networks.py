@@ -121,8 +121,10 @@ class AttributeEncoder(nn.Module):
         tokens = nn.functional.selu(torch.where(missing, missing_tokens, embedded))
         b, a, d = tokens.shape
         q, k, v = self.qkv(self.norm(tokens)).reshape(b, a, 3, self.num_heads, d // self.num_heads).unbind(2)
-        attn = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        tokens = tokens + self.proj(attn.transpose(1, 2).reshape(b, a, d))
+        # explicit attention (not scaled_dot_product_attention, which has no vmap batching rule on CPU)
+        weights = torch.softmax(torch.einsum("bqhc,bkhc->bhqk", q, k) / (d // self.num_heads) ** 0.5, dim=-1)
+        attn = torch.einsum("bhqk,bkhc->bqhc", weights, v)
+        tokens = tokens + self.proj(attn.reshape(b, a, d))
         return self.out_norm(tokens)
 
 

@@ -8,9 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+# In-process tests use tiny tensors: one intra-op thread is faster for them, and it avoids
+# OpenMP's spin-wait collapse (100x slower ops) when another process holds a core.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
