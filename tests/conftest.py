@@ -52,3 +52,42 @@ def run_bundle(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.C
 def bundle():
     """Callable running ``python -m monai.bundle ...`` from the bundle root."""
     return run_bundle
+
+
+# --- bundle stages on tiny sizes, shared by the stage tests ---------------------------------------
+
+AE = "['configs/train_autoencoder.yaml','configs/small_autoencoder.yaml']"
+LDM = "['configs/train_diffusion.yaml','configs/small_diffusion.yaml']"
+TINY = ["--spatial_size", "[8,48,48]", "--num_workers", "0"]
+LATENT = ["--latent_shape", "[4,8,12,12]"]
+
+
+def mlflow_runs(root, prefix):
+    """(client, runs whose name starts with ``prefix``) of the bundle's local MLflow store."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'eval' / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("cardiac_ldm")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name.startswith(prefix)]
+    return client, runs
+
+
+def train_autoencoder(bundle, root, cohort, *extra):
+    return bundle("run", "training", "--config_file", AE, "--dataset_dir", str(cohort), "--bundle_root", str(root), *TINY, *extra)
+
+
+def train_diffusion(bundle, root, cohort, *extra):
+    return bundle(
+        "run", "training", "--config_file", LDM, "--dataset_dir", str(cohort), "--bundle_root", str(root), *TINY, *LATENT, *extra
+    )
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, cohorts, bundle):
+    """Both pre-training stages, 3 epochs each, in one bundle root."""
+    root = tmp_path_factory.mktemp("bundle")
+    ae = train_autoencoder(bundle, root, cohorts["public"], "--epochs", "3")
+    assert ae.returncode == 0, ae.stderr[-3000:]
+    ldm = train_diffusion(bundle, root, cohorts["public"], "--epochs", "3")
+    assert ldm.returncode == 0, ldm.stderr[-3000:]
+    return root

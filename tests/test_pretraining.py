@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
-import mlflow
 import pytest
 import torch
 
@@ -12,38 +9,7 @@ from scripts.engines import LatentDiffusionPrepareBatch, make_condition
 from scripts.handlers import LatentScaleFactor
 from scripts.networks import ConditionalDiffusionUNet, load_autoencoder
 
-AE = "['configs/train_autoencoder.yaml','configs/small_autoencoder.yaml']"
-LDM = "['configs/train_diffusion.yaml','configs/small_diffusion.yaml']"
-TINY = ["--spatial_size", "[8,48,48]", "--num_workers", "0"]
-LATENT = ["--latent_shape", "[4,8,12,12]"]
-
-
-def _ae(bundle, root, cohort, *extra):
-    return bundle("run", "training", "--config_file", AE, "--dataset_dir", str(cohort), "--bundle_root", str(root), *TINY, *extra)
-
-
-def _ldm(bundle, root, cohort, *extra):
-    return bundle(
-        "run", "training", "--config_file", LDM, "--dataset_dir", str(cohort), "--bundle_root", str(root), *TINY, *LATENT, *extra
-    )
-
-
-@pytest.fixture(scope="session")
-def pretrained(tmp_path_factory, cohorts, bundle):
-    """Both pre-training stages, 3 epochs each, in one bundle root."""
-    root = tmp_path_factory.mktemp("bundle")
-    ae = _ae(bundle, root, cohorts["public"], "--epochs", "3")
-    assert ae.returncode == 0, ae.stderr[-3000:]
-    ldm = _ldm(bundle, root, cohorts["public"], "--epochs", "3")
-    assert ldm.returncode == 0, ldm.stderr[-3000:]
-    return root
-
-
-def _runs(root, prefix):
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'eval' / 'mlruns.db'}")
-    exp = client.get_experiment_by_name("cardiac_ldm")
-    runs = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name.startswith(prefix)]
-    return client, runs
+from conftest import LATENT, LDM, TINY, mlflow_runs, train_autoencoder, train_diffusion
 
 
 def test_autoencoder_checkpoint_and_scale_factor(pretrained, cohorts, attribute_ranges):
@@ -61,7 +27,7 @@ def test_autoencoder_checkpoint_and_scale_factor(pretrained, cohorts, attribute_
 
 
 def test_autoencoder_learns_and_is_tracked(pretrained):
-    client, runs = _runs(pretrained, "autoencoder_")
+    client, runs = mlflow_runs(pretrained, "autoencoder_")
     assert len(runs) == 1
     run = runs[0]
     history = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_l1"), key=lambda m: m.step)]
@@ -82,7 +48,7 @@ def test_diffusion_checkpoint_learns_and_is_tracked(pretrained):
     assert ckpt["scheduler"] == {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1e-4, "beta_end": 7e-2}
     net = ConditionalDiffusionUNet(**ckpt["architecture"])
     net.load_state_dict(ckpt["ema"])
-    client, runs = _runs(pretrained, "diffusion_")
+    client, runs = mlflow_runs(pretrained, "diffusion_")
     (run,) = runs
     history = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_loss"), key=lambda m: m.step)]
     assert len(history) == 4 and history[-1] < history[0]
@@ -139,9 +105,9 @@ def test_resume_continues_exactly(pretrained, tmp_path, cohorts, bundle):
 
     The first run plans 3 epochs (LR schedule) but stops after 2, like a killed run.
     """
-    first = _ae(bundle, tmp_path, cohorts["public"], "--epochs", "2", "--lr_scheduler#T_max", "3")
+    first = train_autoencoder(bundle, tmp_path, cohorts["public"], "--epochs", "2", "--lr_scheduler#T_max", "3")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _ae(bundle, tmp_path, cohorts["public"], "--epochs", "3")
+    second = train_autoencoder(bundle, tmp_path, cohorts["public"], "--epochs", "3")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout + second.stderr
     resumed = torch.load(tmp_path / "models" / "autoencoder.pt", weights_only=False)
@@ -176,7 +142,7 @@ def test_unknown_attribute_in_config_is_a_clear_error(pretrained, cohorts, bundl
 
 
 def test_missing_autoencoder_names_the_stage(tmp_path, cohorts, bundle):
-    proc = _ldm(bundle, tmp_path, cohorts["public"], "--epochs", "1")
+    proc = train_diffusion(bundle, tmp_path, cohorts["public"], "--epochs", "1")
     assert proc.returncode != 0
     assert "autoencoder.pt not found; it is produced by: python -m monai.bundle run training --config_file configs/train_autoencoder.yaml" in proc.stderr
 
@@ -201,5 +167,5 @@ def test_multi_process_diffusion_with_gloo(pretrained, tmp_path, cohorts):
     ckpt = torch.load(tmp_path / "models" / "diffusion.pt", weights_only=False)
     assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]
     assert not any(k.startswith("module.") for k in ckpt["network"])  # saved unwrapped, loadable single-process
-    _, runs = _runs(tmp_path, "diffusion_")
+    _, runs = mlflow_runs(tmp_path, "diffusion_")
     assert len(runs) == 1  # only rank 0 logs
