@@ -5,6 +5,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS := --quiet --disable-pip-version-check --no-input
+BUNDLE := $(PY) -m monai.bundle run
+# demo sizes: small networks, 16 x 64 x 64 volumes, a few epochs (CPU, 2 cores)
+DEMO_SUBJECTS ?= 40
 
 .PHONY: install demo test clean
 
@@ -17,10 +20,18 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m monai.bundle run --config_file configs/phantom.yaml
+	@echo "== 1/4 phantom cohorts (public + private) =="
+	$(BUNDLE) --config_file configs/phantom.yaml --public_subjects $(DEMO_SUBJECTS) --private_subjects $(DEMO_SUBJECTS)
+	@echo "== 2/4 autoencoder pre-training on the public cohort =="
+	$(BUNDLE) training --config_file "['configs/train_autoencoder.yaml','configs/small_autoencoder.yaml']" --resume False
+	@echo "== 3/4 latent diffusion pre-training on the public cohort =="
+	$(BUNDLE) training --config_file "['configs/train_diffusion.yaml','configs/small_diffusion.yaml']" --resume False
+	@echo "== 4/4 DP fine-tuning on the private cohort (epsilon = 10) =="
+	$(BUNDLE) training --config_file "['configs/dp_finetune.yaml','configs/small_dp_finetune.yaml']" --resume False --target_epsilon 10
+	@echo "MLflow runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///eval/mlruns.db"
 
 test: install
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf data eval outputs
+	rm -rf data eval outputs models/*.pt models/*.json

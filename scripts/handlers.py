@@ -76,10 +76,10 @@ def resume(path: str, objects: Mapping[str, Any], trainer: Engine, map_location:
     max_epochs = trainer.state.max_epochs
     state = ckpt["trainer"]  # Ignite's Engine.state_dict(): iteration, epoch_length, max_epochs
     done = state["epoch"] if "epoch" in state else state["iteration"] // max(state.get("epoch_length") or 1, 1)
-    if max_epochs is not None and done > max_epochs:
+    if max_epochs is not None and done >= max_epochs:
         raise ValueError(
-            f"{path}: the run to resume has done {done} epochs, more than the configured epochs={max_epochs}; "
-            f"pass --epochs N with N >= {done} to continue it, or --resume False to start afresh"
+            f"{path}: the run to resume has already done {done} epochs (configured epochs={max_epochs}); "
+            f"pass --epochs N with N > {done} to continue it, or --resume False to start afresh"
         )
     for key, obj in objects.items():
         getattr(obj, "module", obj).load_state_dict(ckpt[key])
