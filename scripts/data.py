@@ -137,8 +137,8 @@ def load_datalist(
         base_dir: directory for relative paths; defaults to the datalist's directory.
 
     Returns:
-        list of dicts with ``image`` (absolute path), ``id``, ``subject`` and ``attributes``
-        (float32 array, NaN = missing).
+        list of dicts with ``image`` (absolute path), ``id``, ``subject`` ("" if the entry
+        has none) and ``attributes`` (float32 array, NaN = missing).
     """
     if not os.path.isfile(datalist):
         raise DataError(f"{datalist}: datalist not found (expected a JSON file with a '{split}' list)")
@@ -181,7 +181,8 @@ def load_datalist(
             raise DataError(
                 f"{where}: no attributes (expected inline 'attributes' or an 'attributes_csv' joined by 'id')"
             )
-        items.append({"image": image, "id": rid, "subject": str(entry.get("subject", rid)), "attributes": values})
+        # "" when the datalist does not say: subject-level privacy then refuses to guess (scripts.dp.PrivacyUnits)
+        items.append({"image": image, "id": rid, "subject": str(entry.get("subject", "")), "attributes": values})
     return items
 
 

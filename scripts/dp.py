@@ -134,6 +134,14 @@ class PrivacyUnits(torch.utils.data.Dataset):
         if unit not in UNITS:
             raise ValueError(f"config field 'privacy_unit': expected one of {list(UNITS)}, got {unit!r}")
         self.dataset, self.unit = dataset, unit
+        if unit == "subject":
+            unnamed = [str(item.get("id", i)) for i, item in enumerate(dataset.data) if not item.get("subject")]
+            if unnamed:
+                raise ValueError(
+                    f"privacy_unit='subject' needs a 'subject' key in every datalist entry; {len(unnamed)} entries have "
+                    f"none (e.g. {unnamed[:3]}). Add it (volumes of one person share it), or use --privacy_unit record "
+                    "if every volume is a different person"
+                )
         groups: dict[str, list[int]] = defaultdict(list)
         for i, item in enumerate(dataset.data):
             groups[str(item["subject"]) if unit == "subject" else f"{i}"].append(i)

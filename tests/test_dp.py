@@ -139,6 +139,14 @@ def test_subject_unit_holds_both_phases(tmp_path):
     assert len(records) == 6 and records[1]["id"] == ["s0_ES"]
 
 
+def test_subject_level_refuses_records_without_subject():
+    records = Records(2)
+    records.data[1]["subject"] = ""
+    with pytest.raises(ValueError, match="privacy_unit='subject' needs a 'subject' key.*--privacy_unit record"):
+        PrivacyUnits(records, "subject")
+    assert len(PrivacyUnits(records, "record")) == 4
+
+
 def test_empty_batch_takes_a_noise_only_step_and_is_accounted(tmp_path):
     dp, _ = make_engine(tmp_path, sigma=1.0)
     before = params_of(dp.network)
