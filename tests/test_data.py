@@ -140,6 +140,18 @@ def _rewrite_csv(cohort, edit):
     return path
 
 
+def _set_first_row(cohort, column, value):
+    """Overwrite one cell (first data row) of the cohort's attribute table."""
+
+    def edit(lines):
+        header = lines[0].split(",")
+        row = lines[1].split(",")
+        row[header.index(column)] = value
+        return [lines[0], ",".join(row), *lines[2:]]
+
+    return _rewrite_csv(cohort, edit)
+
+
 def test_missing_attribute_column(tmp_path, cohorts):
     cohort = _copy_cohort(cohorts["private"], tmp_path / "c")
 
@@ -163,14 +175,7 @@ def test_unknown_attribute_column(tmp_path, cohorts):
 
 def test_non_numeric_attribute(tmp_path, cohorts):
     cohort = _copy_cohort(cohorts["private"], tmp_path / "c")
-
-    def corrupt(lines):
-        header = lines[0].split(",")
-        row = lines[1].split(",")
-        row[header.index("LVEF")] = "sixty"
-        return [lines[0], ",".join(row), *lines[2:]]
-
-    _rewrite_csv(cohort, corrupt)
+    _set_first_row(cohort, "LVEF", "sixty")
     with pytest.raises(DataError, match=r"attributes\.csv, line 2: attribute 'LVEF' must be a number.*'sixty'"):
         read_attributes_csv(str(cohort / "attributes.csv"))
 
@@ -210,14 +215,7 @@ def test_bad_config_ranges():
 def test_bundle_run_exits_nonzero_naming_file(tmp_path, cohorts, bundle):
     """A stage pointed at a broken cohort fails with a non-zero exit and names the file and field."""
     cohort = _copy_cohort(cohorts["public"], tmp_path / "c")
-
-    def corrupt(lines):
-        header = lines[0].split(",")
-        row = lines[1].split(",")
-        row[header.index("AGE")] = "old"
-        return [lines[0], ",".join(row), *lines[2:]]
-
-    _rewrite_csv(cohort, corrupt)
+    _set_first_row(cohort, "AGE", "old")
     proc = bundle(
         "run", "training", "--config_file", "['configs/train_autoencoder.yaml','configs/small_autoencoder.yaml']",
         "--dataset_dir", str(cohort), "--bundle_root", str(tmp_path / "b"), "--epochs", "1",
