@@ -20,15 +20,18 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 install: $(VENV)/.installed
 
 demo: install
-	@echo "== 1/4 phantom cohorts (public + private) =="
+	@echo "== 1/5 phantom cohorts (public + private) =="
 	$(BUNDLE) --config_file configs/phantom.yaml --public_subjects $(DEMO_SUBJECTS) --private_subjects $(DEMO_SUBJECTS)
-	@echo "== 2/4 autoencoder pre-training on the public cohort =="
+	@echo "== 2/5 autoencoder pre-training on the public cohort =="
 	$(BUNDLE) training --config_file "['configs/train_autoencoder.yaml','configs/small_autoencoder.yaml']" --resume False
-	@echo "== 3/4 latent diffusion pre-training on the public cohort =="
+	@echo "== 3/5 latent diffusion pre-training on the public cohort =="
 	$(BUNDLE) training --config_file "['configs/train_diffusion.yaml','configs/small_diffusion.yaml']" --resume False
-	@echo "== 4/4 DP fine-tuning on the private cohort (epsilon = 10) =="
+	@echo "== 4/5 DP fine-tuning on the private cohort (epsilon = 10) =="
 	$(BUNDLE) training --config_file "['configs/dp_finetune.yaml','configs/small_dp_finetune.yaml']" --resume False --target_epsilon 10
-	@echo "MLflow runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///eval/mlruns.db"
+	@echo "== 5/5 synthesis of a small conditioned cohort and an LVEDV sweep =="
+	$(BUNDLE) inference --config_file configs/inference.yaml --attributes_csv configs/demo_requests.csv --output_dir outputs/demo --overwrite True
+	$(BUNDLE) sweep --config_file configs/inference.yaml --attribute LVEDV --output_dir outputs/demo_sweep --overwrite True
+	@$(PY) -m scripts.summary demo
 
 test: install
 	$(PY) -m pytest -q tests

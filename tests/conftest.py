@@ -42,7 +42,8 @@ def attribute_ranges() -> dict:
 
 def run_bundle(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python -m monai.bundle ARGS`` from the bundle root; returns the completed process."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    # one intra-op thread: the test networks are tiny, and it avoids OpenMP spin-wait collapse under load
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
