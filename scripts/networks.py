@@ -116,7 +116,9 @@ class AttributeEncoder(nn.Module):
             )
         values, missing = condition[..., 0:1], (condition[..., 1:2] != 0)
         embedded = torch.stack([emb(values[:, i]) for i, emb in enumerate(self.value_embeddings)], dim=1)
-        missing_tokens = self.missing_embedding.weight.unsqueeze(0).expand_as(embedded)
+        # looked up per row through the module (not .weight), so per-sample-gradient tools see it
+        index = torch.arange(self.num_attributes, device=condition.device).expand(condition.shape[0], -1)
+        missing_tokens = self.missing_embedding(index)
         # torch.where selects, so a masked value has no influence on the output or gradients.
         tokens = nn.functional.selu(torch.where(missing, missing_tokens, embedded))
         b, a, d = tokens.shape

@@ -1,0 +1,214 @@
+"""Per-unit gradient clipping for DP-SGD, where a privacy unit may hold several batch rows.
+
+Opacus computes one gradient per *row* of the batch (``p.grad_sample``) and clips each row
+(``DPOptimizer.clip_and_accumulate``). Two things this bundle needs do not fit that:
+
+* noise multiplicity K (as in DPDM): a record's loss averages K independent (timestep,
+  noise) draws *before* clipping, so the record's sensitivity stays ``max_grad_norm``.
+  Stacking the K draws as K batch rows would clip each draw as its own record, so a record
+  could move the sum by up to K x ``max_grad_norm`` while the noise is calibrated for one;
+* subject-level privacy (DESIGN.md section 4.6): a subject's ED and ES volumes are clipped
+  together as ONE unit.
+
+So the unit of clipping here is a *unit*: a mapping of tensors whose leading dimension m
+(records in the unit x K draws) is what ``unit_loss`` averages over. This module computes
+each unit's gradient, its L2 norm, scales it by Opacus's factor
+``min(1, max_grad_norm / (norm + 1e-6))`` and returns the sum; the caller adds the Gaussian
+noise and steps the optimiser (as ``DPOptimizer.add_noise`` / ``scale_grad`` / ``step`` do).
+
+Two ways to get the per-unit gradients, with the same result (tests/test_per_sample.py):
+
+* ``"loop"``: one forward + backward per unit (``torch.autograd.grad``). Activation memory
+  is that of one unit, so the peak stays below a non-DP step at the same batch (0.65x on
+  the default network, batch 4, CPU); the cost is B small steps instead of one batched
+  step, which on CPU is close to free (1.0-1.1x there: CPU throughput is roughly linear in
+  the batch) and on GPU is expected to under-use the device (not measured).
+* ``"vmap"``: ``torch.func.vmap(torch.func.grad(...))`` over chunks of at most
+  ``max_physical_batch_size`` units of the same m. Batched like a non-DP step (meant for
+  GPU), but it holds the chunk's per-unit gradients (chunk x number of parameters) and
+  functorch's batching rules keep larger temporaries: about 2.5x the non-DP peak on CPU at
+  a chunk of the whole batch. ``max_physical_batch_size`` trades this against speed.
+
+On CPU, PyTorch runs a Conv3d whose input has batch 1 and N*C*D*H <= 20480 with its slow
+native kernel instead of oneDNN (heuristic in ``ConvParams::use_mkldnn``), 4-9x slower per
+sample. Units of one row (K = 1) on a small network therefore make ``"loop"`` about 2x a
+batched step on CPU (``--size small`` in the benchmark); units of 2+ rows (K >= 2,
+subjects) and the default network are hardly affected, and ``"vmap"`` folds the units into
+the convolution's batch.
+
+Why not Opacus's per-sample modes: they clip per row (see above). Summing Opacus's row grad
+samples per unit before clipping would give the unit gradient (no layer mixes rows), but
+only with one forward over the whole batch and a loss of the form sum over units of a
+function of that unit's output rows; ``unit_loss`` calls the network itself on one unit, so
+Opacus would need one forward per unit (the cost of ``"loop"`` plus Opacus's per-row
+gradient storage) or a loss that is a mean of per-row terms, which this API does not
+promise. Opacus also gives no per-sample gradient to ``AttributeEncoder.missing_embedding``
+(its weight is read outside ``Embedding.forward``, where no hook sees it) and fails the
+step. For Conv3d its ``"hooks"`` mode unfolds the input and ``"ghost"`` falls back to full
+per-sample gradients (3.5-4.8x a non-DP step on a small network, DESIGN.md section 5).
+``benchmarks/dp_step.py`` measures them beside ``"loop"`` and ``"vmap"``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["MODES", "clipped_grad_sum", "clip_factor"]
+
+MODES: tuple[str, ...] = ("loop", "vmap")
+
+UnitLoss = Callable[[Callable[..., torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+def clip_factor(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Opacus's per-sample clip factor ``min(1, C / (norm + 1e-6))``.
+
+    Same expression as ``DPOptimizer.clip_and_accumulate`` (opacus/optimizers/optimizer.py),
+    so a unit here is clipped exactly as Opacus clips a row.
+
+    Args:
+        norms: per-unit gradient L2 norms, any shape.
+        max_grad_norm: the clipping bound C.
+
+    Returns:
+        the factors, shape of ``norms``.
+    """
+    return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
+def clipped_grad_sum(
+    model: nn.Module,
+    unit_loss: UnitLoss,
+    units: Sequence[Mapping[str, torch.Tensor]],
+    max_grad_norm: float,
+    mode: str = "loop",
+    max_physical_batch_size: int = 8,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Sum over privacy units of each unit's gradient clipped to L2 norm ``max_grad_norm``.
+
+    The model's ``.grad`` fields are neither read nor written (the gradients are returned),
+    and its ``training`` mode is left as it is.
+
+    Args:
+        model: the network; only parameters with ``requires_grad`` get gradients.
+        unit_loss: ``unit_loss(net, unit)`` returns the scalar loss of one unit, averaged
+            over its m rows; ``net(*args, **kwargs)`` behaves like ``model(*args, **kwargs)``.
+            With ``mode="vmap"`` it runs under ``torch.func.vmap``: it must use only
+            tensors of ``unit`` and ``net`` (no in-place writes to captured tensors, no
+            ``.item()``); any random op inside the model draws independently per unit.
+        units: the privacy units of the batch; each maps names to tensors whose leading
+            dimension is the unit's m rows (records x K draws). All randomness (noise,
+            timesteps, condition dropout) is already drawn inside the unit.
+        max_grad_norm: the clipping bound C > 0.
+        mode: "loop" or "vmap" (see the module docstring).
+        max_physical_batch_size: with "vmap", the most units whose per-unit gradients are
+            held at once. Ignored by "loop", which holds one unit's.
+
+    Returns:
+        (grads, norms): ``grads`` has one tensor per trainable parameter, in the order of
+        ``[p for p in model.parameters() if p.requires_grad]``, holding the sum of the
+        clipped unit gradients (zeros for an empty ``units``); ``norms`` has shape
+        ``(len(units),)``, each unit's gradient L2 norm before clipping, in ``units`` order.
+    """
+    if mode not in MODES:
+        raise ValueError(f"clipped_grad_sum: mode must be one of {MODES}, got {mode!r}")
+    if not max_grad_norm > 0:
+        raise ValueError(f"clipped_grad_sum: max_grad_norm must be > 0, got {max_grad_norm}")
+    if max_physical_batch_size < 1:
+        raise ValueError(f"clipped_grad_sum: max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    summed = [torch.zeros_like(p) for p in params]
+    norms = torch.zeros(len(units), device=params[0].device, dtype=params[0].dtype) if params else torch.zeros(len(units))
+    if not units or not params:
+        return summed, norms
+    if mode == "loop":
+        _loop(model, unit_loss, units, max_grad_norm, params, summed, norms)
+    else:
+        _vmap(model, unit_loss, units, max_grad_norm, max_physical_batch_size, named, summed, norms)
+    return summed, norms
+
+
+def _loop(
+    model: nn.Module,
+    unit_loss: UnitLoss,
+    units: Sequence[Mapping[str, torch.Tensor]],
+    max_grad_norm: float,
+    params: list[nn.Parameter],
+    summed: list[torch.Tensor],
+    norms: torch.Tensor,
+) -> None:
+    """One forward + backward per unit; clip and add into ``summed``, norms into ``norms``.
+
+    Units are not batched even when they have the same m: a batched backward returns only
+    the sum over units, and splitting it per unit is exactly what per-sample machinery
+    (``"vmap"``, Opacus's grad samples) costs. One unit at a time keeps the activation
+    memory of one unit, which is the point of this mode.
+    """
+    for i, unit in enumerate(units):
+        loss = unit_loss(model, unit)
+        if loss.ndim != 0:
+            raise ValueError(f"clipped_grad_sum: unit_loss must return a scalar, got shape {tuple(loss.shape)}")
+        # allow_unused: a parameter the loss does not reach (an unused branch) has gradient 0.
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        with torch.no_grad():
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            # Same norm as Opacus: L2 of the per-parameter L2 norms.
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            norms[i] = norm
+            factor = clip_factor(norm, max_grad_norm)
+            for s, g in zip(summed, grads):
+                s.addcmul_(g, factor.to(s.dtype))  # tensor factor: no host sync on GPU, no temporary
+        # Free this unit's gradients before the next backward allocates the next ones
+        # (else the peak holds two sets of per-unit gradients plus the sum).
+        del loss, grads
+
+
+def _vmap(
+    model: nn.Module,
+    unit_loss: UnitLoss,
+    units: Sequence[Mapping[str, torch.Tensor]],
+    max_grad_norm: float,
+    max_physical_batch_size: int,
+    named: list[tuple[str, nn.Parameter]],
+    summed: list[torch.Tensor],
+    norms: torch.Tensor,
+) -> None:
+    """Per-unit gradients with ``vmap(grad)`` over chunks of units of identical shapes."""
+    trainable = {n: p.detach() for n, p in named}
+    # Frozen parameters and buffers enter the functional call as constants (no gradient).
+    constants = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    constants.update(dict(model.named_buffers()))
+
+    def loss_of(params: dict[str, torch.Tensor], unit: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        def net(*args, **kwargs) -> torch.Tensor:
+            return torch.func.functional_call(model, (params, constants), args, kwargs)
+
+        return unit_loss(net, unit)
+
+    # randomness="different": a random op inside the model (dropout) draws per unit, as in "loop".
+    per_unit_grads = torch.func.vmap(torch.func.grad(loss_of), in_dims=(None, 0), randomness="different")
+
+    # vmap needs stackable units; units of different m (or shapes) are processed group by group.
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, unit in enumerate(units):
+        groups[tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(unit.items()))].append(i)
+    for indices in groups.values():
+        for start in range(0, len(indices), max_physical_batch_size):
+            chunk = indices[start : start + max_physical_batch_size]
+            stacked = {k: torch.stack([units[i][k] for i in chunk]) for k in units[chunk[0]]}
+            grads = per_unit_grads(trainable, stacked)
+            with torch.no_grad():
+                grads = [grads[n] for n, _ in named]
+                n = len(chunk)
+                # As DPOptimizer.clip_and_accumulate: per-parameter norms, then their L2 norm.
+                chunk_norms = torch.stack([g.reshape(n, -1).norm(2, dim=-1) for g in grads], dim=1).norm(2, dim=1)
+                norms[torch.as_tensor(chunk, device=norms.device)] = chunk_norms.to(norms.dtype)
+                factor = clip_factor(chunk_norms, max_grad_norm)
+                for s, g in zip(summed, grads):
+                    s.add_(torch.einsum("i,i...", factor.to(g.dtype), g))
+            del grads
