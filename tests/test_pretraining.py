@@ -169,3 +169,32 @@ def test_multi_process_diffusion_with_gloo(pretrained, tmp_path, cohorts):
     assert not any(k.startswith("module.") for k in ckpt["network"])  # saved unwrapped, loadable single-process
     _, runs = mlflow_runs(tmp_path, "diffusion_")
     assert len(runs) == 1  # only rank 0 logs
+
+
+def test_patchgan_term_trains_the_discriminator_in_training_only():
+    from scripts.engines import AutoencoderKLLoss
+
+    torch.manual_seed(0)
+    loss = AutoencoderKLLoss(adversarial_weight=0.1)
+    recon, target = torch.rand(2, 1, 4, 32, 32, requires_grad=True), torch.rand(2, 1, 4, 32, 32)
+    pred = (recon, torch.zeros(2, 4, 4, 8, 8), torch.ones(2, 4, 4, 8, 8))
+    disc = loss.adversarial.discriminator
+    before = [p.detach().clone() for p in disc.parameters()]
+    total = loss(pred, target)
+    total.backward()
+    assert recon.grad.abs().sum() > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))  # one discriminator step
+    assert float(total) > float(AutoencoderKLLoss()(pred, target))
+    after = [p.detach().clone() for p in disc.parameters()]
+    with torch.no_grad():  # validation: no discriminator step
+        loss(pred, target)
+    assert all(torch.equal(a, b) for a, b in zip(after, disc.parameters()))
+    assert "adversarial._extra_state" in loss.state_dict()  # discriminator optimiser checkpointed
+    assert AutoencoderKLLoss().adversarial is None  # off by default
+
+
+def test_autoencoder_stage_with_patchgan(tmp_path, cohorts, bundle):
+    proc = train_autoencoder(bundle, tmp_path, cohorts["public"], "--epochs", "1", "--adversarial_weight", "0.01")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "models" / "autoencoder.pt", weights_only=False)
+    assert any(k.startswith("adversarial.discriminator.") for k in ckpt["loss"])
