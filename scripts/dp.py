@@ -700,3 +700,24 @@ def summary(report_path: str) -> str:
     if "model" in r:
         lines.append(f"  model: {r['model']} (sha256 {r['model_sha256'][:16]}...)")
     return "\n".join(lines)
+
+
+def refuse_private_loss_logging(handlers: Sequence[Any]) -> None:
+    """Raise ``ValueError`` if a handler would log per-iteration outputs of the DP trainer.
+
+    MONAI's ``--tracking mlflow`` appends an ``MLFlowHandler`` that logs the training loss every
+    iteration: on private data that is not differentially private. The DP stages log epsilon
+    to MLflow through their own handler instead.
+
+    Args:
+        handlers: the trainer's handlers (``train#handlers`` of the bundle config).
+    """
+    from monai.handlers import MLFlowHandler
+
+    for h in handlers:
+        if isinstance(h, MLFlowHandler) and h.iteration_log:
+            raise ValueError(
+                "an MLflow handler would log the training loss on the PRIVATE data every iteration (MONAI's "
+                "--tracking mlflow does that), which is not differentially private. The DP stages already log their "
+                "parameters and epsilon to MLflow: drop --tracking and use --tracking_uri / --experiment_name"
+            )

@@ -140,3 +140,12 @@ def test_multi_process_dp_finetune_bundle(pretrained, cohorts, tmp_path):
     stage = report["stages"][0]
     assert stage["steps"] == 2 and stage["sample_rate"] == 0.5
     assert report["epsilon"] == pytest.approx(compute_epsilon(0.5, stage["noise_multiplier"], 2, 1e-5))
+
+
+def test_monai_tracking_is_refused_for_dp(pretrained, cohorts, bundle, tmp_path):
+    """MONAI's --tracking handler logs the private training loss: the DP stage refuses it."""
+    _copy_models(pretrained, tmp_path)
+    proc = _dp(bundle, tmp_path, cohorts["private"], "--epochs", "1", "--tracking", "mlflow")
+    assert proc.returncode != 0
+    assert "not differentially private" in proc.stderr
+    assert not (tmp_path / "models" / "model.pt").exists()

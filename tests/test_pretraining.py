@@ -198,3 +198,15 @@ def test_autoencoder_stage_with_patchgan(tmp_path, cohorts, bundle):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "models" / "autoencoder.pt", weights_only=False)
     assert any(k.startswith("adversarial.discriminator.") for k in ckpt["loss"])
+
+
+def test_monai_tracking_mlflow_works(tmp_path, cohorts, bundle):
+    """MONAI's built-in --tracking mlflow joins the stage's own MLflow run."""
+    proc = train_autoencoder(bundle, tmp_path, cohorts["public"], "--epochs", "1", "--tracking", "mlflow")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, runs = mlflow_runs(tmp_path, "autoencoder_")
+    (run,) = runs
+    assert {"train_loss", "val_l1"} <= set(run.data.metrics)
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "autoencoder_reconstructions.png" in artifacts
+    assert any(a.startswith("config_") and a.endswith(".json") for a in artifacts)  # the executed config
