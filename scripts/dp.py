@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import secrets
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +46,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from scripts.engines import LatentDiffusionPrepareBatch, make_condition
+from scripts.files import write_text_atomic
 from scripts.per_sample import clipped_grad_sum
 from scripts.privacy import calibrate_noise, compose_epsilon
 
@@ -309,17 +309,6 @@ class UnitDistributedDPOptimizer(_UnitClipped, DistributedDPOptimizer):
 # ----------------------------------------------------------------------------- files
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.splitext(path)[1])
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def sha256(path: str) -> str:
     """Hex SHA-256 of a file."""
     digest = hashlib.sha256()
@@ -542,10 +531,9 @@ class DPEngine:
 
     # -- write-ahead ledger ---------------------------------------------------------------------
 
-    def _write_ledger(self, steps: int) -> None:
+    def _write_ledger(self) -> None:
         if _is_rank0():
-            ledger = {"stages": [*self.prior, self._stage_entry(steps)], "started": self.started}
-            _atomic_write_text(self.ledger_path, json.dumps(ledger, indent=2))
+            write_text_atomic(self.ledger_path, json.dumps({"stages": self.ledger(), "started": self.started}, indent=2))
 
     # -- the DP step ------------------------------------------------------------------------------
 
@@ -562,7 +550,7 @@ class DPEngine:
             engine.terminate()
             return {"units": 0, "step": self.steps_done, "skipped": True}
         self.steps_done += 1
-        self._write_ledger(self.steps_done)  # record the step before it reads private data
+        self._write_ledger()  # record the step before it reads private data
         self.network.train()
         units = [self.unit_rows.make_unit(u, self.device) for u in batch]
         summed, _ = clipped_grad_sum(
@@ -593,13 +581,13 @@ class DPEngine:
         logger.info(f"epoch {engine.state.epoch}: {self.steps_done} DP steps, epsilon = {eps:.4f} (delta = {self.delta:g})")
 
     def completed(self, engine: Engine) -> None:
-        report = self.write_report(status="complete", model_path=self.model_path)
+        report = self.write_report(self.model_path)
         logger.info(
             f"privacy: epsilon = {report['epsilon']:.4f}, delta = {self.delta:g}, {self.units.unit}-level, "
             f"{len(report['stages'])} stage(s) composed with the {self.accountant_name} accountant; report: {self.report_path}"
         )
 
-    def report(self, status: str = "complete", model_path: str | None = None) -> dict[str, Any]:
+    def report(self, model_path: str | None = None) -> dict[str, Any]:
         """The privacy report: the composed (epsilon, delta) and every stage of the ledger."""
         stages = [dict(s) for s in self.prior] + [self._stage_entry(self.steps_done)]
         for s in stages:
@@ -619,7 +607,7 @@ class DPEngine:
                 "public pre-training data, and attribute values copied from private records to condition sampling "
                 "(that is a separate release)."
             ),
-            "status": status,
+            "status": "complete",
             "stages": stages,
         }
         if model_path and os.path.isfile(model_path):
@@ -627,11 +615,11 @@ class DPEngine:
             report["model_sha256"] = sha256(model_path)
         return report
 
-    def write_report(self, status: str = "complete", model_path: str | None = None) -> dict[str, Any]:
+    def write_report(self, model_path: str | None = None) -> dict[str, Any]:
         """Write the report atomically (rank 0) and return it."""
-        report = self.report(status, model_path)
+        report = self.report(model_path)
         if _is_rank0():
-            _atomic_write_text(self.report_path, json.dumps(report, indent=2))
+            write_text_atomic(self.report_path, json.dumps(report, indent=2))
         return report
 
     def ledger(self) -> list[dict[str, Any]]:

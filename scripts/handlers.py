@@ -13,11 +13,9 @@
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,29 +23,15 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.files import atomic_path
+
 logger = logging.getLogger(__name__)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temp file in the target directory, then rename over ``path``.
-
-    Args:
-        obj: object to save.
-        path: destination; it is replaced only once the new file is complete.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``torch.save`` to a temp file in the target directory, then rename over ``path``."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def resume(path: str, objects: Mapping[str, Any], trainer: Engine, map_location: Any = "cpu") -> bool:
@@ -202,12 +186,6 @@ class LatentScaleFactor:
         model.scale_factor_measured.fill_(True)
         engine.state.latent_scale_factor = scale
         logger.info(f"latent scale factor (1 / std on public training data): {scale:.5f}")
-
-
-def latest(pattern: str) -> str | None:
-    """Most recently modified file matching a glob ``pattern``, or None."""
-    files = glob.glob(pattern)
-    return max(files, key=os.path.getmtime) if files else None
 
 
 class MontagePNG:

@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +40,7 @@ from torch import nn
 
 from scripts.attributes import ATTRIBUTE_NAMES, ATTRIBUTE_UNITS
 from scripts.data import DataError, EncodeAttributesd, _parse_value
+from scripts.files import atomic_path, write_text_atomic
 from scripts.sampling import EvaluationCounter, decode_latents, sample_latents
 
 logger = logging.getLogger(__name__)
@@ -502,25 +502,6 @@ def nifti_affine(shape_xyz: Sequence[int], spacing: Sequence[float]) -> np.ndarr
     return affine
 
 
-def _temp_path(path: str) -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    suffix = ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=suffix)
-    os.close(fd)
-    return tmp
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` to a temp file in the same folder and rename it to ``path``."""
-    tmp = _temp_path(path)
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_nifti(volume: np.ndarray, path: str, spacing: Sequence[float]) -> np.ndarray:
     """Save a (D, H, W) = (slices, X, Y) volume as a float32 NIfTI with array layout (X, Y, slices).
 
@@ -541,9 +522,8 @@ def save_nifti(volume: np.ndarray, path: str, spacing: Sequence[float]) -> np.nd
     image.header.set_qform(affine, code=1)
     image.header.set_sform(affine, code=1)
     image.header["descrip"] = b"synthetic (cardiac DP-LDM bundle)"
-    tmp = _temp_path(path)
-    nib.save(image, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        nib.save(image, tmp)
     return affine
 
 
@@ -807,10 +787,9 @@ def save_sweep_grid(
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    tmp = _temp_path(path)
-    fig.savefig(tmp, dpi=80)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -218,13 +218,16 @@ def load_autoencoder(path: str, device: str | torch.device = "cpu") -> SliceAuto
         device: device of the returned network.
 
     Returns:
-        the autoencoder in eval mode with ``requires_grad=False``.
+        the autoencoder in eval mode with ``requires_grad=False``; its ``privacy_ledger``
+        lists the DP stages behind its weights (empty if it saw only public data).
     """
     ckpt = load_checkpoint(
         path, "python -m monai.bundle run training --config_file configs/train_autoencoder.yaml", device
     )
     model = SliceAutoencoder(**ckpt["architecture"])
     model.load_state_dict(ckpt["network"])
+    # DP stages that produced these weights from private data (empty for public pre-training)
+    model.privacy_ledger = list(ckpt.get("privacy_ledger", []))
     if not bool(model.scale_factor_measured):
         raise ValueError(f"{path}: the latent scale factor was never measured (the autoencoder stage did not complete)")
     return model.to(device).eval().requires_grad_(False)

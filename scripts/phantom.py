@@ -52,7 +52,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +62,7 @@ import numpy as np
 from scipy import ndimage
 
 from scripts.attributes import ATTRIBUTE_NAMES
+from scripts.files import write_bytes_atomic
 
 __all__ = [
     "DOMAINS",
@@ -839,18 +839,6 @@ def synthesize_subject(
 # files
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _nifti_gz_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     """NIfTI-1 bytes, gzip-compressed with mtime 0 and no file name (byte-reproducible)."""
     img = nib.Nifti1Image(array, affine)
@@ -877,8 +865,8 @@ def _write_subject(job: tuple[str, int, str, int, tuple[int, int]]) -> tuple[str
     p = result["params"]
     for phase in PHASES:
         image_rel, label_rel = _volume_paths(p.subject, phase)
-        _atomic_write(Path(out_dir, image_rel), _nifti_gz_bytes(result["images"][phase], result["affine"]))
-        _atomic_write(Path(out_dir, label_rel), _nifti_gz_bytes(result["labels"][phase], result["affine"]))
+        write_bytes_atomic(Path(out_dir, image_rel), _nifti_gz_bytes(result["images"][phase], result["affine"]))
+        write_bytes_atomic(Path(out_dir, label_rel), _nifti_gz_bytes(result["labels"][phase], result["affine"]))
     return p.subject, p.group, result["attributes"]
 
 
@@ -1056,8 +1044,8 @@ def generate_cohort(
             rows.append([vid, sid, phase, image_rel, label_rel, *values])
             entries[split_of[sid]].append({"id": vid, "subject": sid, "image": image_rel, "label": label_rel})
     subject_rows = [[sid, domain, group, split_of[sid]] for sid, group, _ in results]
-    _atomic_write(out / "subjects.csv", _csv_bytes(SUBJECT_COLUMNS, subject_rows))
-    _atomic_write(out / "attributes.csv", _csv_bytes(CSV_COLUMNS, rows))
+    write_bytes_atomic(out / "subjects.csv", _csv_bytes(SUBJECT_COLUMNS, subject_rows))
+    write_bytes_atomic(out / "attributes.csv", _csv_bytes(CSV_COLUMNS, rows))
     datalist = {
         "description": f"synthetic bSSFP short-axis phantom cohort ({domain} domain, scripts/phantom.py)",
         "domain": domain,
@@ -1065,7 +1053,7 @@ def generate_cohort(
         "attributes_csv": "attributes.csv",
         **entries,
     }
-    _atomic_write(out / "datalist.json", (json.dumps(datalist, indent=2) + "\n").encode())
+    write_bytes_atomic(out / "datalist.json", (json.dumps(datalist, indent=2) + "\n").encode())
 
     summary_attrs = {}
     for j, name in enumerate(ATTRIBUTE_NAMES):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -11,6 +9,7 @@ import torch
 from torch import nn
 
 from scripts.engines import make_condition
+from scripts.files import atomic_path
 
 
 def save_montage(images: Sequence[tuple[str, np.ndarray]], path: str, slices: int = 3) -> str:
@@ -44,12 +43,9 @@ def save_montage(images: Sequence[tuple[str, np.ndarray]], path: str, slices: in
             if r == 0:
                 ax.set_title(f"slice {z}", fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=80)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
