@@ -1,7 +1,8 @@
-"""DP engine: sensitivity, empty batches, accounting, budget stop, resume, scopes, errors.
+"""DP training handler: sensitivity, empty batches, accounting, budget stop, resume, scopes, errors.
 
-In-process tests build a tiny conditioned UNet and a tiny slice-wise autoencoder, and call
-``DPEngine.iteration`` directly; the bundle-level tests are in tests/test_dp_bundle.py.
+In-process tests build a tiny conditioned UNet and a tiny slice-wise autoencoder and call
+``DPTrainingHandler.iteration`` directly; the ledger alone is tested in tests/test_ledger.py and
+the bundle-level runs in tests/test_dp_bundle.py.
 """
 
 from __future__ import annotations
@@ -11,82 +12,17 @@ import json
 
 import pytest
 import torch
+
+from helpers import Records, make_dp_stage, rdp_epsilon, tiny_unet
 from ignite.engine import Engine
-from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
-from scripts.dp import DPEngine, LatentDiffusionUnits, PrivacyUnits, apply_scope, validate_network
-from scripts.networks import ConditionalDiffusionUNet, SliceAutoencoder
-from scripts.privacy import compute_epsilon
-from test_privacy_accounting import rdp_epsilon
+from scripts.privacy.accounting import compute_epsilon
+from scripts.privacy.units import PrivacyUnits
+from scripts.privacy.validation import apply_scope, validate_network
 
+SHAPE = (1, 4, 16, 16)
 C = 1.0
-SHAPE = (1, 4, 16, 16)  # image (1, D, H, W); latent (4, 4, 8, 8)
-
-
-class Records(torch.utils.data.Dataset):
-    """Records shaped like the data pipeline's items; ``data`` holds the subject ids."""
-
-    def __init__(self, subjects: int, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.items = []
-        for s in range(subjects):
-            for phase in ("ED", "ES"):
-                missing = (torch.rand(14, generator=g) < 0.2).float()
-                self.items.append(
-                    {
-                        "image": torch.rand(SHAPE, generator=g),
-                        "attributes": torch.randn(14, generator=g) * (1 - missing),
-                        "missing": missing,
-                        "id": f"s{s}_{phase}",
-                        "subject": f"s{s}",
-                    }
-                )
-        self.data = [{"subject": it["subject"]} for it in self.items]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
-
-
-def tiny_unet(seed: int = 0) -> ConditionalDiffusionUNet:
-    torch.manual_seed(seed)
-    net = ConditionalDiffusionUNet(
-        attribute_dim=16, attribute_heads=2, spatial_dims=3, in_channels=4, out_channels=4, channels=[16, 32],
-        attention_levels=[False, True], num_res_blocks=1, num_head_channels=[0, 8], norm_num_groups=8,
-    )
-    with torch.no_grad():  # MONAI zero-initialises the output conv: give it weights so every layer gets gradients
-        for p in net.unet.out.parameters():
-            p.normal_(0, 0.1)
-    return net
-
-
-def tiny_autoencoder() -> SliceAutoencoder:
-    torch.manual_seed(1)
-    ae = SliceAutoencoder(
-        in_channels=1, out_channels=1, channels=[8, 8], latent_channels=4, num_res_blocks=1,
-        attention_levels=[False, False], norm_num_groups=4, with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
-    )
-    ae.scale_factor.fill_(1.5)
-    return ae.eval().requires_grad_(False)
-
-
-def make_engine(tmp_path, net=None, subjects=6, unit="subject", k=1, sigma=0.0, lr=1.0, batch=2, epochs=1, **kw):
-    """A DP engine on tiny networks; ``sigma=0`` switches the noise off (infinite target)."""
-    net = net or tiny_unet()
-    units = PrivacyUnits(Records(subjects), unit)
-    rows = LatentDiffusionUnits(tiny_autoencoder(), DDPMScheduler(num_train_timesteps=50), noise_multiplicity=k)
-    opt = torch.optim.SGD(net.parameters(), lr=lr)
-    args = dict(
-        network=net, optimizer=opt, units=units, unit_rows=rows, target_epsilon=10.0 if sigma != 0 else float("inf"), target_delta=1e-5,
-        max_grad_norm=C, epochs=epochs, logical_batch_size=batch, ledger_path=str(tmp_path / "ledger.json"),
-        report_path=str(tmp_path / "report.json"), noise_multiplier=sigma, noise_seed=0, finetune_scope="all",
-    )
-    args.update(kw)
-    return DPEngine(**args), units
 
 
 def engine_stub() -> Engine:
@@ -97,11 +33,13 @@ def params_of(net):
     return [p.detach().clone() for p in net.parameters()]
 
 
-def update(tmp_path, batch_indices, seed=0, **kw):
-    """Parameter update (flattened) of one DP step on the given units, noise off, SGD lr=1."""
-    dp, units = make_engine(tmp_path, **kw)
+def update(tmp_path, batch_indices, **kw):
+    """Parameter update (flattened) of one DP step on the given units, noise off, SGD lr=1.
+
+    The unit loss's private generator has a fixed seed, so two stages draw the same
+    (timestep, noise) rows for the units their batches share (they come first)."""
+    dp, units = make_dp_stage(tmp_path, **kw)
     before = params_of(dp.network)
-    torch.manual_seed(seed)  # same draws for the units the batches share (they come first)
     dp.iteration(engine_stub(), [units[i] for i in batch_indices])
     after = params_of(dp.network)
     return torch.cat([(b - a).reshape(-1) for a, b in zip(before, after)]), dp
@@ -131,7 +69,7 @@ def test_physical_batch_split_does_not_change_the_step(tmp_path):
     torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
 
 
-def test_subject_unit_holds_both_phases(tmp_path):
+def test_subject_unit_holds_both_phases():
     units = PrivacyUnits(Records(3), "subject")
     assert len(units) == 3 and units.num_records == 6
     assert units[1]["id"] == ["s1_ED", "s1_ES"] and units[1]["image"].shape == (2, *SHAPE)
@@ -147,49 +85,73 @@ def test_subject_level_refuses_records_without_subject():
     assert len(PrivacyUnits(records, "record")) == 4
 
 
+@pytest.mark.parametrize("field", ["id", "image"])
+def test_one_record_under_two_subjects_is_refused_naming_both_entries(field, tmp_path):
+    records = Records(3)
+    if field == "image":
+        for i, entry in enumerate(records.data):
+            entry["image"] = str(tmp_path / f"{i}.nii.gz")
+        records.data[4]["image"] = str(tmp_path / "." / "1.nii.gz")  # same file, another spelling
+    else:
+        records.data[4]["id"] = records.data[1]["id"]
+    for unit in ("subject", "record"):
+        with pytest.raises(ValueError, match=r"same record twice .*entry 1 \(subject 's0'.*entry 4 \(subject 's2'"):
+            PrivacyUnits(records, unit)
+
+
 def test_empty_batch_takes_a_noise_only_step_and_is_accounted(tmp_path):
-    dp, _ = make_engine(tmp_path, sigma=1.0)
+    dp, _ = make_dp_stage(tmp_path, sigma=1.0)
     before = params_of(dp.network)
     dp.iteration(engine_stub(), [])
     after = params_of(dp.network)
     assert any(not torch.equal(a, b) for a, b in zip(before, after))  # noise moved the weights
-    assert dp.accountant.history == [(1.0, dp.sample_rate, 1)]
-    assert dp.epsilon() == pytest.approx(compute_epsilon(dp.sample_rate, 1.0, 1, 1e-5))
+    assert dp.ledger.history == [(1.0, dp.ledger.sample_rate, 1)]
+    assert dp.ledger.get_epsilon() == pytest.approx(compute_epsilon(dp.ledger.sample_rate, 1.0, 1, 1e-5))
+
+
+def test_step_output_and_global_rng_reveal_nothing_of_the_batch(tmp_path):
+    """The step returns no unit count, and its draws leave the global RNG (saved in checkpoints) untouched."""
+    dp, units = make_dp_stage(tmp_path, sigma=1.0, k=2)
+    dp.unit_loss.generator = torch.Generator().manual_seed(123)
+    state = torch.get_rng_state()
+    out = dp.iteration(engine_stub(), [units[0], units[1], units[2]])
+    assert torch.equal(torch.get_rng_state(), state)
+    assert set(out) == {"step"}
 
 
 def test_calibrated_noise_and_reported_epsilon_match_independent_accounting(tmp_path):
-    dp, _ = make_engine(tmp_path, sigma=None, accountant="rdp", batch=2, epochs=3, subjects=6)
+    dp, _ = make_dp_stage(tmp_path, sigma=None, accountant="rdp", batch=2, epochs=3, subjects=6)
+    ledger = dp.ledger
     # 6 subject units, logical batch 2: q = 1/3, 3 steps an epoch, 9 steps planned
-    assert dp.sample_rate == pytest.approx(1 / 3) and dp.planned_steps == 9
-    independent, _ = rdp_epsilon([(dp.noise_multiplier, dp.sample_rate, 9)], 1e-5)
+    assert ledger.sample_rate == pytest.approx(1 / 3) and ledger.planned_steps == 9
+    independent, _ = rdp_epsilon([(ledger.noise_multiplier, ledger.sample_rate, 9)], 1e-5)
     assert independent <= 10.0 * 1.03  # integer orders only: at most a few % above Opacus's
-    assert compute_epsilon(dp.sample_rate, dp.noise_multiplier, 9, 1e-5, "rdp") <= 10.0
+    assert compute_epsilon(ledger.sample_rate, ledger.noise_multiplier, 9, 1e-5, "rdp") <= 10.0
     for _ in range(9):
         dp.iteration(engine_stub(), [])
-    reported = dp.epsilon()
-    independent, _ = rdp_epsilon([(dp.noise_multiplier, dp.sample_rate, 9)], 1e-5)
+    reported = ledger.get_epsilon()
     assert reported <= 10.0
     assert reported == pytest.approx(independent, rel=0.03) and reported <= independent + 1e-9
 
 
 def test_budget_stop_never_exceeds_target(tmp_path):
-    dp, _ = make_engine(tmp_path, sigma=None, accountant="rdp", epochs=1, batch=2)
+    dp, _ = make_dp_stage(tmp_path, sigma=None, accountant="rdp", epochs=1, batch=2)
     engine = engine_stub()
     steps = 0
-    for _ in range(dp.planned_steps * 3):
+    for _ in range(dp.ledger.planned_steps * 3):
         out = dp.iteration(engine, [])
         if out.get("skipped"):
             break
         steps += 1
     assert engine.should_terminate
-    assert dp.epsilon() <= 10.0
+    assert dp.ledger.get_epsilon() <= 10.0
     # one more step would have exceeded the target
-    assert compute_epsilon(dp.sample_rate, dp.noise_multiplier, steps + 1, 1e-5, "rdp") > 10.0
-    assert steps >= dp.planned_steps
+    assert compute_epsilon(dp.ledger.sample_rate, dp.ledger.noise_multiplier, steps + 1, 1e-5, "rdp") > 10.0
+    assert steps >= dp.ledger.planned_steps
 
 
 def test_resume_restores_history_and_counts_steps_lost_after_the_checkpoint(tmp_path):
-    dp, units = make_engine(tmp_path, sigma=1.2)
+    dp, units = make_dp_stage(tmp_path, sigma=1.2)
     for _ in range(2):
         dp.iteration(engine_stub(), [units[0]])
     checkpoint = copy.deepcopy(dp.state_dict())
@@ -197,26 +159,26 @@ def test_resume_restores_history_and_counts_steps_lost_after_the_checkpoint(tmp_
     ledger = json.loads((tmp_path / "ledger.json").read_text())
     assert ledger["stages"][-1]["steps"] == 3  # written before the step ran
 
-    resumed, _ = make_engine(tmp_path, sigma=1.2)
+    resumed, _ = make_dp_stage(tmp_path, sigma=1.2)
     resumed.load_state_dict(checkpoint)
-    assert resumed.steps_done == 3
-    assert sum(h[2] for h in resumed.accountant.history) == 3
-    assert resumed.epsilon() == pytest.approx(compute_epsilon(resumed.sample_rate, 1.2, 3, 1e-5))
+    assert resumed.ledger.steps == 3
+    q = resumed.ledger.sample_rate
+    assert resumed.ledger.get_epsilon() == pytest.approx(compute_epsilon(q, 1.2, 3, 1e-5))
     resumed.iteration(engine_stub(), [units[2]])
-    assert resumed.epsilon() == pytest.approx(compute_epsilon(resumed.sample_rate, 1.2, 4, 1e-5))
+    assert resumed.ledger.get_epsilon() == pytest.approx(compute_epsilon(q, 1.2, 4, 1e-5))
 
 
 def test_resume_with_other_privacy_settings_is_refused(tmp_path):
-    dp, _ = make_engine(tmp_path, sigma=1.0)
+    dp, _ = make_dp_stage(tmp_path, sigma=1.0)
     state = dp.state_dict()
-    other, _ = make_engine(tmp_path, sigma=1.0, unit="record")
+    other, _ = make_dp_stage(tmp_path, sigma=1.0, unit="record")
     with pytest.raises(ValueError, match="cannot resume: the DP settings .*privacy_unit"):
         other.load_state_dict(state)
 
 
 @pytest.mark.parametrize("scope", ["attention", "conditioning"])
 def test_frozen_scopes_receive_no_update(tmp_path, scope):
-    dp, units = make_engine(tmp_path, sigma=1.0, finetune_scope=scope)
+    dp, units = make_dp_stage(tmp_path, sigma=1.0, finetune_scope=scope)
     names = dict(dp.network.named_parameters())
     before = {n: p.detach().clone() for n, p in names.items()}
     dp.iteration(engine_stub(), [units[0], units[1]])
@@ -248,29 +210,25 @@ def test_batchnorm_is_rejected_by_name():
 
 def test_dataset_smaller_than_logical_batch(tmp_path):
     with pytest.raises(ValueError, match=r"has 3 privacy units \(subject-level, 6 records\), fewer than logical_batch_size=4"):
-        make_engine(tmp_path, subjects=3, batch=4)
+        make_dp_stage(tmp_path, subjects=3, batch=4)
 
 
 def test_unreachable_epsilon_says_what_would_work(tmp_path):
     with pytest.raises(ValueError, match="unreachable.*Use a larger target_epsilon"):
-        make_engine(tmp_path, sigma=None, target_epsilon=0.001, epochs=5)
+        make_dp_stage(tmp_path, sigma=None, target_epsilon=0.001, epochs=5)
 
 
-def test_report_composes_stages_with_the_accountant(tmp_path):
-    prior = [
-        {
-            "stage": "autoencoder_dp_finetune", "noise_multiplier": 2.0, "sample_rate": 1 / 3, "steps": 6, "delta": 1e-5,
-            "accountant": "rdp",
-        }
-    ]
-    dp, _ = make_engine(tmp_path, sigma=None, accountant="rdp", prior_stages=prior, epochs=2)
-    for _ in range(dp.planned_steps):
-        dp.iteration(engine_stub(), [])
-    report = dp.write_report()
-    assert json.loads((tmp_path / "report.json").read_text())["epsilon"] == pytest.approx(report["epsilon"])
-    alone = [s["epsilon_alone"] for s in report["stages"]]
-    assert len(alone) == 2 and max(alone) < report["epsilon"] < sum(alone)
-    independent, _ = rdp_epsilon([(2.0, 1 / 3, 6), (dp.noise_multiplier, dp.sample_rate, dp.planned_steps)], 1e-5)
-    assert report["epsilon"] == pytest.approx(independent, rel=0.03)
-    assert report["epsilon"] <= 10.0  # the budget covers the whole ledger
-    assert report["privacy_unit"] == "subject" and "separate release" in report["covers"]
+@pytest.mark.parametrize("setting,value", [("max_physical_batch_size", 0), ("max_grad_norm", 0.0), ("grad_sample_mode", "fast")])
+def test_bad_clipping_settings_fail_before_any_file_is_written(tmp_path, setting, value):
+    with pytest.raises(ValueError, match=setting if setting != "grad_sample_mode" else "fast"):
+        make_dp_stage(tmp_path, sigma=1.0, **{setting: value})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_loss_with_a_trainable_discriminator_is_refused_in_dp():
+    from scripts.losses import AutoencoderKLLoss
+    from scripts.privacy.unit_losses import AutoencoderUnitLoss
+
+    with pytest.raises(ValueError, match="adversarial_weight"):
+        AutoencoderUnitLoss(AutoencoderKLLoss(adversarial_weight=0.1))
+    AutoencoderUnitLoss(AutoencoderKLLoss())

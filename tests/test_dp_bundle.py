@@ -7,14 +7,15 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT, TINY, mlflow_runs
-from scripts.dp import sha256
-from scripts.privacy import compute_epsilon
+from scripts.files import sha256
+from scripts.privacy.accounting import compute_epsilon
 
 DP = "['configs/dp_finetune.yaml','configs/small_dp_finetune.yaml']"
 # 6 private subjects -> 4 in the training split; logical batch 2 -> q = 0.5, 2 steps an epoch
@@ -41,9 +42,13 @@ def test_dp_finetune_end_to_end(pretrained, cohorts, bundle, tmp_path):
     assert report["epsilon"] == pytest.approx(compute_epsilon(0.5, stage["noise_multiplier"], 4, 1e-5))
     assert report["epsilon"] > 7.5  # calibrated to use the budget
     assert report["model_sha256"] == sha256(str(tmp_path / "models" / "model.pt"))
+    assert report["autoencoder_sha256"] == sha256(str(tmp_path / "models" / "autoencoder.pt"))
     ckpt = torch.load(tmp_path / "models" / "model.pt", weights_only=False)
     assert {"network", "ema", "dp", "architecture", "scale_factor", "scheduler", "latent_shape"} <= set(ckpt)
-    assert ckpt["dp"]["steps_done"] == 4
+    assert sum(h[2] for h in ckpt["dp"]["ledger"]["history"]) == 4
+    # the released model holds no RNG state (nothing derived from which units were sampled)
+    assert "rng" not in ckpt and not any(torch.is_tensor(v) and v.dtype == torch.uint8 for v in ckpt.values())
+    assert [s["stage"] for s in ckpt["privacy_ledger"]] == ["diffusion_dp_finetune"]
     # trained weights differ from the pre-trained ones only in the fine-tune scope (attention by default)
     pre = torch.load(tmp_path / "models" / "diffusion.pt", weights_only=False)["ema"]
     changed = {k for k in pre if not torch.equal(pre[k], ckpt["network"][k])}
@@ -51,8 +56,12 @@ def test_dp_finetune_end_to_end(pretrained, cohorts, bundle, tmp_path):
     assert "Privacy report" in proc.stdout and "epsilon = " in proc.stdout
     client, runs = mlflow_runs(tmp_path, "dp_finetune_")
     (run,) = runs
-    eps = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "epsilon"), key=lambda m: m.step)]
+    history = sorted(client.get_metric_history(run.info.run_id, "epsilon"), key=lambda m: m.step)
+    eps = [m.value for m in history]
     assert len(eps) == 2 and eps[0] < eps[1] == pytest.approx(report["epsilon"])
+    # no per-epoch or per-step time anywhere: not in the log, not in the progress bar, not in MLflow's stamps
+    assert len({m.timestamp for m in history}) == 1
+    assert "Time taken" not in proc.stdout + proc.stderr and "it/s" not in proc.stdout + proc.stderr
     assert float(run.data.params["noise_multiplier"]) == pytest.approx(stage["noise_multiplier"])
     assert "privacy_report.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
     # nothing computed from the private data but epsilon is logged
@@ -60,20 +69,97 @@ def test_dp_finetune_end_to_end(pretrained, cohorts, bundle, tmp_path):
 
 
 def test_dp_resume_continues_the_accounting(pretrained, cohorts, bundle, tmp_path):
-    """A run planned for 2 epochs that stopped after 1 resumes: epsilon keeps accumulating, within the target."""
+    """A run killed after its first checkpoint resumes: same sigma, epsilon keeps accumulating, within the target."""
     _copy_models(pretrained, tmp_path)
-    first = _dp(bundle, tmp_path, cohorts["private"], "--epochs", "2", "--train#trainer#max_epochs", "1")
-    assert first.returncode == 0, first.stderr[-3000:]
-    sigma = torch.load(tmp_path / "models" / "dp_finetune_last.pt", weights_only=False)["dp"]["noise_multiplier"]
-    second = _dp(bundle, tmp_path, cohorts["private"], "--epochs", "2")
+    args = ("--epochs", "12", "--accountant", "rdp")
+    last = tmp_path / "models" / "dp_finetune_last.pt"
+    first = _start_dp(tmp_path, cohorts["private"], *args)
+    try:
+        deadline = time.time() + 300
+        while not last.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        first.kill()
+        first.communicate()
+    assert last.exists() and not (tmp_path / "models" / "model.pt").exists(), "the run ended before it could be killed"
+    sigma = torch.load(last, weights_only=False)["dp"]["ledger"]["noise_multiplier"]
+    second = _dp(bundle, tmp_path, cohorts["private"], *args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr + second.stdout
     report = json.loads((tmp_path / "models" / "privacy_report.json").read_text())
-    assert report["stages"][0]["noise_multiplier"] == sigma  # not re-calibrated
-    assert report["stages"][0]["steps"] == 4
-    assert report["epsilon"] == pytest.approx(compute_epsilon(0.5, sigma, 4, 1e-5)) and report["epsilon"] <= 10.0
+    assert len(report["stages"]) == 1 and report["stages"][0]["noise_multiplier"] == sigma  # not re-calibrated
+    assert report["stages"][0]["steps"] == 24
+    assert report["epsilon"] == pytest.approx(compute_epsilon(0.5, sigma, 24, 1e-5, "rdp")) and report["epsilon"] <= 10.0
     ledger = json.loads((tmp_path / "models" / "dp_finetune_ledger.json").read_text())
-    assert ledger["stages"][-1]["steps"] == 4
+    assert ledger["stages"][-1]["steps"] == 24 and ledger["status"] == "complete"
+
+
+def test_dp_resume_with_another_target_is_refused_and_changes_nothing(pretrained, cohorts, bundle, tmp_path):
+    _copy_models(pretrained, tmp_path)
+    first = _dp(bundle, tmp_path, cohorts["private"], "--epochs", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {p.name: p.read_bytes() for p in (tmp_path / "models").iterdir() if p.is_file() and p.name != ".lock"}
+    lower = _dp(bundle, tmp_path, cohorts["private"], "--epochs", "2", "--target_epsilon", "4")
+    assert lower.returncode != 0 and "cannot resume: the DP settings ['target_epsilon']" in lower.stderr
+    after = {p.name: p.read_bytes() for p in (tmp_path / "models").iterdir() if p.is_file() and p.name != ".lock"}
+    assert after == before  # nothing rewritten
+
+
+def _ledger_steps(path) -> int:
+    try:
+        return json.loads(path.read_text())["stages"][-1]["steps"]
+    except (OSError, ValueError, KeyError, IndexError):
+        return 0
+
+
+def _start_dp(root, cohort, *extra):
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", DP, "--dataset_dir", str(cohort),
+        "--bundle_root", str(root), *DP_TINY, *extra,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_run_killed_before_its_first_checkpoint_keeps_every_step(pretrained, cohorts, bundle, tmp_path):
+    """SIGKILL a real DP run after a few steps, before any checkpoint: the next run's report counts those steps."""
+    _copy_models(pretrained, tmp_path)
+    ledger = tmp_path / "models" / "dp_finetune_ledger.json"
+    # record-level: 8 units, logical batch 1 -> q = 1/8, 8 steps before the first checkpoint
+    proc = _start_dp(tmp_path, cohorts["private"], "--privacy_unit", "record", "--logical_batch_size", "1", "--epochs", "3")
+    try:
+        deadline = time.time() + 300
+        while _ledger_steps(ledger) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.communicate()
+    killed = _ledger_steps(ledger)
+    assert killed >= 2 and not (tmp_path / "models" / "dp_finetune_last.pt").exists()
+    rerun = _dp(bundle, tmp_path, cohorts["private"], "--privacy_unit", "record", "--logical_batch_size", "1", "--epochs", "1")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "left no checkpoint; its privacy cost is composed" in rerun.stdout + rerun.stderr
+    report = json.loads((tmp_path / "models" / "privacy_report.json").read_text())
+    steps = [s["steps"] for s in report["stages"]]
+    assert steps[0] == killed and "interrupted run" in report["stages"][0]["stage"] and sum(steps) >= killed + 1
+    assert report["epsilon"] <= 10.0
+
+
+def test_a_second_run_on_the_same_bundle_root_is_refused(pretrained, cohorts, bundle, tmp_path):
+    _copy_models(pretrained, tmp_path)
+    first = _start_dp(tmp_path, cohorts["private"], "--epochs", "50")
+    try:
+        deadline = time.time() + 300
+        while _ledger_steps(tmp_path / "models" / "dp_finetune_ledger.json") < 1 and first.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        second = _dp(bundle, tmp_path, cohorts["private"], "--epochs", "1", "--target_epsilon", "4")
+        assert second.returncode != 0
+        assert "is in use by another run (pid " + str(first.pid) in second.stderr
+    finally:
+        first.kill()
+        first.communicate()
 
 
 def test_dp_errors_name_the_cause(pretrained, cohorts, bundle, tmp_path):
@@ -109,7 +195,8 @@ def test_dp_autoencoder_ledger_is_composed_into_the_report(pretrained, cohorts, 
 
 
 def test_distributed_dp_step_equals_single_process(tmp_path):
-    """2 CPU processes (gloo), noise off: the all-reduced clipped sum equals the single-process one; same epsilon."""
+    """2 CPU processes (gloo), noise off: the all-reduced clipped sum equals the single-process one; same epsilon;
+    the real distributed sampler takes every planned step on every rank and includes each unit with rate q."""
     script = str(ROOT / "tests" / "dp_distributed_check.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     single = subprocess.run([sys.executable, script, str(tmp_path / "one.json")], cwd=ROOT, capture_output=True, text=True, env=env)
@@ -125,6 +212,21 @@ def test_distributed_dp_step_equals_single_process(tmp_path):
     np.testing.assert_allclose(two["update"], one["update"], rtol=1e-10, atol=1e-12)
     assert np.abs(one["update"]).max() > 0
     assert two["epsilons"][0] == two["epsilons"][1] == pytest.approx(one["epsilons"][0])
+
+    setup = two["sampler_setup"]
+    q, epochs, n = setup["rate"], setup["epochs"], setup["units"]
+    planned = epochs * int(1 / q)
+    counts = [0] * n
+    for rank, stats in enumerate(two["sampler"]):
+        assert stats["steps"] == planned, f"rank {rank} took {stats['steps']} of {planned} planned steps"
+        shard = len(range(rank, n, 2))
+        expected_empty = planned * (1 - q) ** shard  # Poisson: a local batch is empty with probability (1-q)^shard
+        sd = (planned * (1 - q) ** shard * (1 - (1 - q) ** shard)) ** 0.5
+        assert abs(stats["empty"] - expected_empty) < 5 * sd, (rank, stats["empty"], expected_empty)
+        counts = [c + k for c, k in zip(counts, stats["counts"])]
+    rates = np.array(counts) / planned  # every unit is drawn on exactly one rank
+    sd = (q * (1 - q) / planned) ** 0.5
+    assert np.all(np.abs(rates - q) < 5 * sd), rates
 
 
 def test_multi_process_dp_finetune_bundle(pretrained, cohorts, tmp_path):

@@ -48,7 +48,8 @@ import pytest
 from scipy.optimize import brentq
 from scipy.special import gammaln, log_ndtr, ndtr
 
-from scripts.privacy import calibrate_noise, compose_epsilon, compute_epsilon, main
+from helpers import RDP_ORDERS, rdp_epsilon, rdp_sgm_step  # noqa: F401  (independent RDP, shared with other tests)
+from scripts.privacy.accounting import calibrate_noise, compose_epsilon, compute_epsilon, main
 
 REPO = Path(__file__).resolve().parents[1]
 PRV_EPS_ERROR = 0.01  # Opacus's default, absolute, added to the PRV estimate
@@ -60,39 +61,6 @@ def _quiet_opacus_warnings():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the")
         yield
-
-
-# ----------------------------------------------------------------- independent RDP
-
-RDP_ORDERS = range(2, 64)
-
-
-def rdp_sgm_step(q: float, sigma: float, alpha: int) -> float:
-    """RDP of one step of the sampled Gaussian mechanism at integer order alpha."""
-    if q == 1.0:
-        return alpha / (2.0 * sigma**2)
-    k = np.arange(alpha + 1)
-    log_terms = (
-        gammaln(alpha + 1)
-        - gammaln(k + 1)
-        - gammaln(alpha - k + 1)
-        + k * math.log(q)
-        + (alpha - k) * math.log1p(-q)
-        + (k * k - k) / (2.0 * sigma**2)
-    )
-    m = log_terms.max()
-    log_a = m + math.log(np.exp(log_terms - m).sum())
-    return log_a / (alpha - 1)
-
-
-def rdp_epsilon(stages, delta: float, orders=RDP_ORDERS) -> tuple[float, int]:
-    """(eps, best order) of stages [(sigma, q, steps), ...] composed in RDP."""
-    best = (math.inf, 0)
-    for a in orders:
-        rdp = sum(steps * rdp_sgm_step(q, sigma, a) for sigma, q, steps in stages)
-        eps = rdp - (math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a)
-        best = min(best, (eps, a))
-    return best
 
 
 # ----------------------------------------------------------------- independent PLD
@@ -279,7 +247,7 @@ def test_prv_composition_matches_independent_pld():
 def test_prv_cost_guard_keeps_an_upper_bound(monkeypatch):
     # Opacus sizes its grid from eps_error and would allocate any size (terabytes for a
     # tiny sigma); above the limit scripts.privacy coarsens eps_error instead.
-    import scripts.privacy as privacy
+    import scripts.privacy.accounting as privacy
 
     monkeypatch.setattr(privacy, "PRV_MAX_DOMAIN_SIZE", 20_000)  # the case needs ~128k
     with pytest.warns(RuntimeWarning, match="grid points") as record:

@@ -52,6 +52,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from scripts.errors import ConfigError
+
 if TYPE_CHECKING:
     from opacus.accountants import PRVAccountant
 
@@ -89,9 +91,9 @@ PRV_MAX_DOMAIN_SIZE: int = 4_000_000
 
 def _as_real(name: str, value: object, expected: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+        raise ConfigError(f"{name} must be {expected}, got {value!r}")
     if not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+        raise ConfigError(f"{name} must be {expected}, got {value!r}")
     return float(value)
 
 
@@ -99,7 +101,7 @@ def _check_sample_rate(value: object, name: str = "sample_rate") -> float:
     expected = "a number in (0, 1] (the Poisson sampling rate, batch size / dataset size)"
     q = _as_real(name, value, expected)
     if not 0.0 < q <= 1.0:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+        raise ConfigError(f"{name} must be {expected}, got {value!r}")
     return q
 
 
@@ -107,16 +109,16 @@ def _check_noise_multiplier(value: object, name: str = "noise_multiplier") -> fl
     expected = "a number > 0 (noise std / max_grad_norm)"
     sigma = _as_real(name, value, expected)
     if sigma <= 0.0:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+        raise ConfigError(f"{name} must be {expected}, got {value!r}")
     return sigma
 
 
 def _check_steps(value: object, name: str = "steps") -> int:
     expected = "an integer >= 1 (number of optimiser steps)"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+        raise ConfigError(f"{name} must be {expected}, got {value!r}")
     if not (math.isfinite(float(value)) and float(value).is_integer() and value >= 1):
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+        raise ConfigError(f"{name} must be {expected}, got {value!r}")
     return int(value)
 
 
@@ -124,7 +126,7 @@ def _check_delta(value: object, name: str = "delta") -> float:
     expected = "a number in (0, 1), typically below 1 / dataset size (e.g. 1e-5)"
     delta = _as_real(name, value, expected)
     if not 0.0 < delta < 1.0:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+        raise ConfigError(f"{name} must be {expected}, got {value!r}")
     return delta
 
 
@@ -132,13 +134,13 @@ def _check_epsilon(value: object, name: str) -> float:
     expected = "a number > 0"
     eps = _as_real(name, value, expected)
     if eps <= 0.0:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+        raise ConfigError(f"{name} must be {expected}, got {value!r}")
     return eps
 
 
 def _check_accountant(value: object) -> str:
     if not isinstance(value, str) or value.lower() not in ACCOUNTANTS:
-        raise ValueError(
+        raise ConfigError(
             f"accountant must be one of {', '.join(repr(a) for a in ACCOUNTANTS)}, got "
             f"{value!r} (Opacus's 'gdp' is a CLT approximation, not an upper bound)"
         )
@@ -147,14 +149,14 @@ def _check_accountant(value: object) -> str:
 
 def _check_history(history: object) -> list[tuple[float, float, int]]:
     if isinstance(history, (str, bytes)) or not isinstance(history, Iterable):
-        raise ValueError(
+        raise ConfigError(
             "history must be a list of (noise_multiplier, sample_rate, steps) tuples, "
             f"got {history!r}"
         )
     stages = []
     for i, stage in enumerate(history):
         if isinstance(stage, (str, bytes)) or not isinstance(stage, Sequence) or len(stage) != 3:
-            raise ValueError(
+            raise ConfigError(
                 f"history[{i}] must be a (noise_multiplier, sample_rate, steps) tuple, "
                 f"got {stage!r}"
             )
@@ -350,7 +352,7 @@ def calibrate_noise(
     tol_expected = f"a number in (0, target_epsilon={target:g})"
     tol = _as_real("epsilon_tolerance", epsilon_tolerance, tol_expected)
     if tol <= 0.0:
-        raise ValueError(f"epsilon_tolerance must be {tol_expected}, got {epsilon_tolerance!r}")
+        raise ConfigError(f"epsilon_tolerance must be {tol_expected}, got {epsilon_tolerance!r}")
 
     # Opacus doubles sigma up to 1e6 before giving up with "The privacy budget is too
     # low."; decide reachability at a sane sigma first, and say what would work.
@@ -362,7 +364,7 @@ def calibrate_noise(
             "prv": f"PRV adds its eps_error ({PRV_EPS_ERROR}) to every estimate",
             "rdp": "the RDP orders stop at 63, which bounds the smallest certifiable epsilon",
         }[accountant]
-        raise ValueError(
+        raise ConfigError(
             f"target_epsilon={target:g} is unreachable: even noise_multiplier="
             f"{MAX_NOISE_MULTIPLIER:g} gives epsilon={eps_at_max:.4g} with sample_rate="
             f"{q:g}, steps={steps}, delta={delta:g} ({accountant} accountant; {floor}). "
@@ -373,7 +375,7 @@ def calibrate_noise(
         )
 
     if tol >= target:
-        raise ValueError(f"epsilon_tolerance must be {tol_expected}, got {epsilon_tolerance!r}")
+        raise ConfigError(f"epsilon_tolerance must be {tol_expected}, got {epsilon_tolerance!r}")
 
     from opacus.accountants.utils import get_noise_multiplier
 
@@ -396,7 +398,7 @@ def calibrate_noise(
                 )
             )
     except (RuntimeError, ValueError, FloatingPointError, MemoryError) as err:
-        raise ValueError(
+        raise ConfigError(
             f"noise calibration for target_epsilon={target:g} failed in the {accountant} "
             f"accountant ({err}); try accountant='rdp', a smaller target_epsilon or more "
             "steps"
@@ -413,6 +415,54 @@ def calibrate_noise(
     if eps > target:  # pragma: no cover - excluded by the reachability check
         raise RuntimeError(f"calibration failed: epsilon {eps} > target {target}")
     return sigma
+
+
+def calibrate_noise_after(
+    prior: Sequence[tuple[float, float, int]],
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "prv",
+) -> float:
+    """Noise multiplier for ``steps`` more steps so that the whole ledger stays within the target.
+
+    Without earlier stages this is :func:`calibrate_noise` (Opacus's search). With earlier
+    stages on the same data (a DP-fine-tuned autoencoder, an interrupted run) the composition
+    must include them, which Opacus's search cannot do: bisect on sigma with
+    :func:`compose_epsilon`, rounding sigma up.
+
+    Args:
+        prior: ``(noise_multiplier, sample_rate, steps)`` of the earlier stages.
+        target_epsilon: budget of the whole ledger.
+        delta: target delta.
+        sample_rate: Poisson rate of the new stage.
+        steps: planned steps of the new stage.
+        accountant: ``"prv"`` or ``"rdp"``.
+
+    Returns:
+        the noise multiplier.
+    """
+    if not prior:
+        return calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
+    spent = compose_epsilon(list(prior), delta, accountant)
+    if spent >= target_epsilon:
+        raise ConfigError(
+            f"target_epsilon={target_epsilon:g} is already spent by earlier stages on this data (epsilon={spent:.4g}); "
+            "raise target_epsilon or fine-tune from a non-private autoencoder"
+        )
+    low, high = 0.05, calibrate_noise(target_epsilon - spent, delta, sample_rate, steps, accountant) * 4
+    if compose_epsilon([*prior, (high, sample_rate, steps)], delta, accountant) > target_epsilon:
+        raise ConfigError(f"target_epsilon={target_epsilon:g} cannot be reached after the earlier stages ({spent:.4g})")
+    for _ in range(30):
+        mid = 0.5 * (low + high)
+        if compose_epsilon([*prior, (mid, sample_rate, steps)], delta, accountant) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+        if high - low < 5e-3 * high:  # each evaluation composes PRVs (~1-2 s): a coarse sigma, rounded up
+            break
+    return high
 
 
 # --------------------------------------------------------------------------- CLI
