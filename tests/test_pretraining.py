@@ -105,7 +105,7 @@ def test_resume_continues_exactly(pretrained, tmp_path, cohorts, bundle):
 
     The first run plans 3 epochs (LR schedule) but stops after 2, like a killed run.
     """
-    first = train_autoencoder(bundle, tmp_path, cohorts["public"], "--epochs", "2", "--lr_scheduler#T_max", "3")
+    first = train_autoencoder(bundle, tmp_path, cohorts["public"], "--epochs", "2", "--lr_schedule_epochs", "3")
     assert first.returncode == 0, first.stderr[-3000:]
     second = train_autoencoder(bundle, tmp_path, cohorts["public"], "--epochs", "3")
     assert second.returncode == 0, second.stderr[-3000:]
@@ -144,11 +144,12 @@ def test_unknown_attribute_in_config_is_a_clear_error(pretrained, cohorts, bundl
 def test_missing_autoencoder_names_the_stage(tmp_path, cohorts, bundle):
     proc = train_diffusion(bundle, tmp_path, cohorts["public"], "--epochs", "1")
     assert proc.returncode != 0
-    assert "autoencoder.pt not found; it is produced by: python -m monai.bundle run training --config_file configs/train_autoencoder.yaml" in proc.stderr
+    stage = "python -m monai.bundle run training --config_file configs/train_autoencoder.yaml"
+    assert f"autoencoder.pt not found; it is produced by: {stage}" in proc.stderr
 
 
 def test_multi_process_diffusion_with_gloo(pretrained, tmp_path, cohorts):
-    """configs/multi_gpu_train_diffusion.yaml under torchrun with 2 CPU processes (gloo)."""
+    """configs/multi_gpu_train.yaml under torchrun with 2 CPU processes (gloo)."""
     import os
     import shutil
     import subprocess
@@ -159,10 +160,10 @@ def test_multi_process_diffusion_with_gloo(pretrained, tmp_path, cohorts):
     shutil.copytree(pretrained / "models", tmp_path / "models", ignore=shutil.ignore_patterns("diffusion*"))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "training",
-        "--config_file", "['configs/train_diffusion.yaml','configs/small_diffusion.yaml','configs/multi_gpu_train_diffusion.yaml']",
+        "--config_file", "['configs/train_diffusion.yaml','configs/small_diffusion.yaml','configs/multi_gpu_train.yaml']",
         "--dataset_dir", str(cohorts["public"]), "--bundle_root", str(tmp_path), *TINY, *LATENT, "--epochs", "2",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, MPLBACKEND="Agg"))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, MPLBACKEND="Agg"), check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "models" / "diffusion.pt", weights_only=False)
     assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]
@@ -172,7 +173,7 @@ def test_multi_process_diffusion_with_gloo(pretrained, tmp_path, cohorts):
 
 
 def test_patchgan_term_trains_the_discriminator_in_training_only():
-    from scripts.engines import AutoencoderKLLoss
+    from scripts.losses import AutoencoderKLLoss
 
     torch.manual_seed(0)
     loss = AutoencoderKLLoss(adversarial_weight=0.1)
@@ -210,3 +211,69 @@ def test_monai_tracking_mlflow_works(tmp_path, cohorts, bundle):
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "autoencoder_reconstructions.png" in artifacts
     assert any(a.startswith("config_") and a.endswith(".json") for a in artifacts)  # the executed config
+
+
+# --- corrupt, truncated and wrong-stage checkpoints: the error names the file and the stage that writes it -------
+
+
+def _tiny_autoencoder_checkpoint(path):
+    from scripts.networks import SliceAutoencoder
+
+    ae = SliceAutoencoder(
+        in_channels=1, out_channels=1, channels=[8, 8], latent_channels=2, num_res_blocks=1,
+        attention_levels=[False, False], norm_num_groups=8,
+        with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
+    )
+    ae.scale_factor_measured.fill_(True)
+    torch.save({"network": ae.state_dict(), "architecture": ae.init_kwargs}, path)
+    return path
+
+
+def test_corrupt_checkpoints_are_named(tmp_path):
+    from scripts.errors import CheckpointError, MissingInputError
+    from scripts.handlers import resume
+    from scripts.networks import load_diffusion
+
+    good = _tiny_autoencoder_checkpoint(tmp_path / "autoencoder.pt")
+    assert load_autoencoder(str(good)).scale_factor_measured
+    text = tmp_path / "text.pt"
+    text.write_text("this is not a checkpoint\n")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    ae_stage = "expected the file written by: python -m monai.bundle run training --config_file configs/train_autoencoder.yaml"
+    for bad in (text, truncated):
+        with pytest.raises(CheckpointError) as err:
+            load_autoencoder(str(bad))
+        assert f"{bad}: not a readable PyTorch checkpoint" in str(err.value) and ae_stage in str(err.value)
+    with pytest.raises(CheckpointError) as err:  # an autoencoder where a diffusion model belongs
+        load_diffusion(str(good))
+    assert f"{good}: lacks ['ema', 'latent_shape', 'spatial_size', 'scale_factor', 'scheduler']" in str(err.value)
+    assert "configs/train_diffusion.yaml" in str(err.value)
+    diffusion_like = tmp_path / "diffusion.pt"
+    torch.save({"network": {}, "architecture": {"channels": [8]}, "latent_shape": [4, 8, 12, 12]}, diffusion_like)
+    with pytest.raises(CheckpointError, match="diffusion-model checkpoint, not an autoencoder"):
+        load_autoencoder(str(diffusion_like))
+    wrong_weights = tmp_path / "wrong.pt"
+    torch.save({"network": {"x": torch.zeros(1)}, "architecture": {"in_channels": 1, "bogus": 3}}, wrong_weights)
+    with pytest.raises(CheckpointError, match=r"wrong\.pt: its 'network' weights and 'architecture' do not make a SliceAutoencoder"):
+        load_autoencoder(str(wrong_weights))
+    with pytest.raises(MissingInputError, match="configs/train_autoencoder.yaml"):
+        load_autoencoder(str(tmp_path / "absent.pt"))
+    with pytest.raises(CheckpointError, match=r"text\.pt: not a readable PyTorch checkpoint.*--resume False"):
+        resume(str(text), {}, None)
+    with pytest.raises(CheckpointError, match=r"autoencoder\.pt: resume checkpoint lacks \['trainer'\].*--resume False"):
+        resume(str(good), {}, None)
+
+
+def test_one_slicing_helper():
+    """engines._slices and SliceAutoencoder._to_slices were twins: one pair of helpers in scripts.networks."""
+    import scripts.engines
+    import scripts.losses
+    from scripts.networks import SliceAutoencoder, to_slices, to_stack
+
+    x = torch.arange(2 * 3 * 4 * 5 * 6, dtype=torch.float32).reshape(2, 3, 4, 5, 6)
+    slices = to_slices(x)
+    assert slices.shape == (8, 3, 5, 6) and torch.equal(slices[1], x[0, :, 1])
+    assert torch.equal(to_stack(slices, 2), x)
+    assert not hasattr(scripts.engines, "_slices") and not hasattr(SliceAutoencoder, "_to_slices")
+    assert scripts.losses.to_slices is to_slices

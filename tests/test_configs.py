@@ -1,0 +1,64 @@
+"""Every bundle config parses, shared blocks come from configs/common.yaml, multi-GPU overlays add to their base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from monai.bundle import ConfigParser
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["train_autoencoder", "train_diffusion", "dp_finetune", "dp_finetune_autoencoder"]
+OVERLAYS = {
+    "train_autoencoder": "multi_gpu_train",
+    "train_diffusion": "multi_gpu_train",
+    "dp_finetune": "multi_gpu_dp_finetune",
+    "dp_finetune_autoencoder": "multi_gpu_dp_finetune",
+}
+
+
+def parsed(*names: str) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f"{n}.yaml") for n in names])
+    parser.parse()  # resolves every macro and reference id; nothing is instantiated
+    return parser
+
+
+@pytest.fixture(autouse=True)
+def _bundle_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # macros name configs/common.yaml relative to the bundle root
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.yaml") if not p.stem.startswith(("small_", "multi_gpu_", "schedule_"))))
+def test_every_config_parses(name):
+    parser = parsed(name)
+    assert parser.get("imports") or name == "common"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_small_and_multi_gpu_variants_parse(stage):
+    small = {"train_autoencoder": "small_autoencoder", "train_diffusion": "small_diffusion",
+             "dp_finetune": "small_dp_finetune", "dp_finetune_autoencoder": "small_dp_finetune_autoencoder"}[stage]
+    parsed(stage, small)
+    parsed(stage, small, OVERLAYS[stage])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_multi_gpu_overlay_keeps_every_base_initialize_step(stage):
+    base, multi = parsed(stage), parsed(stage, OVERLAYS[stage])
+    assert multi["initialize"] == base["initialize"] and multi["finalize"] == base["finalize"]
+    assert base["initialize"][0] == "@distributed_setup" and base["distributed_setup"] == []
+    assert any("init_process_group" in step for step in multi["distributed_setup"])
+    assert any("destroy_process_group" in step for step in multi["distributed_teardown"])
+    # the shared first steps (determinism, folder lock, tracking check) are in every stage
+    setup = parsed("common")["setup"]
+    assert base["initialize"][1] == setup
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_shared_blocks_are_taken_from_common(stage):
+    raw = ConfigParser.load_config_file(str(ROOT / "configs" / f"{stage}.yaml"))
+    text = (ROOT / "configs" / f"{stage}.yaml").read_text()
+    assert raw["imports"] == "%configs/common.yaml::imports"
+    for block in ("MLFlowHandler", "ignite.handlers.ProgressBar", "SupervisedTrainer", "init_process_group"):
+        assert block not in text, f"{stage}.yaml writes {block} itself instead of taking it from configs/common.yaml"
