@@ -24,6 +24,30 @@ ATTRIBUTE_NAMES: tuple[str, ...] = (
     "DEPTH",
 )
 
+#: attributes whose only values are 0 and 1 (or missing)
+BINARY_ATTRIBUTES: tuple[str, ...] = ("SEX", "ESED")
+
+_INF = float("inf")
+
+#: possible values (low, high), checked in training and synthesis alike (scripts.data.check_attribute);
+#: the reference ranges of configs/common.yaml are narrower and only normalise
+ATTRIBUTE_LIMITS: dict[str, tuple[float, float]] = {
+    "LVEDV": (0.0, _INF),
+    "LVESV": (0.0, _INF),
+    "LVEF": (0.0, 100.0),
+    "RVEDV": (0.0, _INF),
+    "RVESV": (0.0, _INF),
+    "RVEF": (0.0, 100.0),
+    "MYOESTHICK": (0.0, _INF),
+    "MYOEDTHICK": (0.0, _INF),
+    "AGE": (0.0, 150.0),
+    "SEX": (0.0, 1.0),
+    "BMI": (0.0, _INF),
+    "ESED": (0.0, 1.0),
+    "ANGLE": (-180.0, 180.0),
+    "DEPTH": (0.0, _INF),
+}
+
 ATTRIBUTE_UNITS: dict[str, str] = {
     "LVEDV": "ml",
     "LVESV": "ml",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
@@ -32,20 +33,53 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
     Transposed,
 )
+from monai.utils import look_up_option
 
-from scripts.attributes import ATTRIBUTE_NAMES
+from scripts.attributes import ATTRIBUTE_LIMITS, ATTRIBUTE_NAMES, ATTRIBUTE_UNITS, BINARY_ATTRIBUTES
+from scripts.errors import DataError
+
+__all__ = [
+    "CSV_META_COLUMNS",
+    "CheckVolumed",
+    "DataError",
+    "EncodeAttributesd",
+    "LoadVolumed",
+    "check_attribute",
+    "check_attribute_names",
+    "get_dataset",
+    "get_transforms",
+    "load_datalist",
+    "parse_value",
+    "read_attributes_csv",
+]
+
+logger = logging.getLogger(__name__)
 
 # Columns of an attribute table that are not attributes; anything else is a typo or an
 # attribute this bundle does not know, and is rejected rather than silently ignored.
 CSV_META_COLUMNS = ("id", "subject", "phase", "image", "label")
 
 
-class DataError(ValueError):
-    """Bad input data: the message names the file, the field and the expected form."""
+MISSING_TEXTS = ("", "nan", "na", "n/a")
 
 
-def _parse_value(raw: Any, where: str, name: str) -> float:
-    """Parse one attribute value; blank / NaN / None mean missing (returned as NaN)."""
+def parse_value(raw: Any, where: str, name: str) -> float:
+    """Parse one attribute value; a missing value is returned as NaN.
+
+    Missing is written as an empty CSV cell, JSON ``null`` or an absent key; the texts ``nan``,
+    ``NA`` and ``N/A`` (any case) and a float NaN are read as missing too.
+
+    Args:
+        raw: the cell or JSON value.
+        where: file (and row or entry) for the error message.
+        name: the attribute's name.
+
+    Returns:
+        the value as a float, NaN when missing.
+
+    Raises:
+        DataError: for a value that is not a number (or infinite).
+    """
     if raw is None:
         return math.nan
     if isinstance(raw, bool):
@@ -54,7 +88,7 @@ def _parse_value(raw: Any, where: str, name: str) -> float:
         value = float(raw)
     else:
         text = str(raw).strip()
-        if text == "" or text.lower() in ("nan", "na", "n/a"):
+        if text.lower() in MISSING_TEXTS:
             return math.nan
         try:
             value = float(text)
@@ -65,6 +99,78 @@ def _parse_value(raw: Any, where: str, name: str) -> float:
     if math.isinf(value):
         raise DataError(f"{where}: attribute '{name}' must be finite, got {raw!r}")
     return value
+
+
+OUT_OF_RANGE_POLICIES = ("error", "clip", "accept")
+
+
+def check_attribute(
+    value: float,
+    name: str,
+    where: str,
+    ranges: Mapping[str, Sequence[float]],
+    out_of_range: str = "error",
+    hint: str = "",
+) -> tuple[float, bool]:
+    """The one attribute check of training data and synthesis requests.
+
+    Two tiers:
+
+    1. always: the value is missing (NaN) or possible: SEX and ESED are 0 or 1, the others lie
+       within :data:`scripts.attributes.ATTRIBUTE_LIMITS` (no negative volume, EF in [0, 100],
+       ...). An impossible value is an error in training and in synthesis alike.
+    2. the reference range ``ranges`` (``configs/common.yaml``), by ``out_of_range``:
+       ``"error"`` (synthesis default: a request outside it asks the model to extrapolate),
+       ``"clip"`` (synthesis's ``--clip_out_of_range True``: clipped, with a warning) or
+       ``"accept"`` (training: a real record outside the range is kept and maps beyond +-1;
+       nothing is logged, as the record may be private).
+
+    Args:
+        value: raw value (NaN = missing, always accepted).
+        name: attribute name.
+        where: file / row description for messages.
+        ranges: reference ranges ``{name: (low, high)}``.
+        out_of_range: ``"error"``, ``"clip"`` or ``"accept"``.
+        hint: another way out, appended to the out-of-range message (e.g. the clip option).
+
+    Returns:
+        (value to use, whether it was clipped).
+
+    Raises:
+        DataError: naming ``where``, the column, the value and the expected form.
+    """
+    out_of_range = look_up_option(out_of_range, OUT_OF_RANGE_POLICIES)
+    if math.isnan(value):
+        return value, False
+    unit = ATTRIBUTE_UNITS[name]
+    if name in BINARY_ATTRIBUTES and value not in (0.0, 1.0):
+        raise DataError(f"{where}, column '{name}': expected 0 or 1 ({unit}) or blank (missing), got {value:g}")
+    limit_low, limit_high = ATTRIBUTE_LIMITS[name]
+    if not limit_low <= value <= limit_high:
+        raise DataError(
+            f"{where}, column '{name}': {value:g} is not a possible value; expected a number in "
+            f"[{limit_low:g}, {limit_high:g}] ({unit}) or blank (missing)"
+        )
+    low, high = (float(r) for r in ranges[name])
+    if low <= value <= high or out_of_range == "accept":
+        return value, False
+    if out_of_range == "error":
+        raise DataError(
+            f"{where}, column '{name}': {value:g} is outside the reference range [{low:g}, {high:g}] ({unit}) of "
+            f"configs/common.yaml (attribute_ranges); give a value in the range, leave it blank (missing)"
+            + (f", or {hint}" if hint else "")
+        )
+    used = min(max(value, low), high)
+    logger.warning(f"{where}, column '{name}': {value:g} is outside [{low:g}, {high:g}] ({unit}); clipped to {used:g}")
+    return used, True
+
+
+def _checked(values: np.ndarray, where: str, ranges: Mapping[str, Sequence[float]] | None) -> np.ndarray:
+    """``values`` after the training check (:func:`check_attribute`, ``"accept"``), when ``ranges`` are given."""
+    if ranges is not None:
+        for name, value in zip(ATTRIBUTE_NAMES, values):
+            check_attribute(float(value), name, where, ranges, "accept")
+    return values
 
 
 def check_attribute_names(names: Sequence[str], where: str) -> None:
@@ -81,7 +187,7 @@ def check_attribute_names(names: Sequence[str], where: str) -> None:
         )
 
 
-def read_attributes_csv(path: str) -> dict[str, np.ndarray]:
+def read_attributes_csv(path: str, ranges: Mapping[str, Sequence[float]] | None = None) -> dict[str, np.ndarray]:
     """Read an attribute table: one row per volume, keyed by ``id``.
 
     The table must have an ``id`` column and one column per attribute (blank cell = missing).
@@ -89,6 +195,7 @@ def read_attributes_csv(path: str) -> dict[str, np.ndarray]:
 
     Args:
         path: CSV file.
+        ranges: reference ranges; when given every value is checked with :func:`check_attribute`.
 
     Returns:
         ``{id: float32 array of the 14 attributes in ATTRIBUTE_NAMES order, NaN = missing}``.
@@ -117,12 +224,17 @@ def read_attributes_csv(path: str) -> dict[str, np.ndarray]:
             if rid in table:
                 raise DataError(f"{path}, line {line}: duplicate id '{rid}'")
             where = f"{path}, line {line}"
-            table[rid] = np.array([_parse_value(row[n], where, n) for n in ATTRIBUTE_NAMES], dtype=np.float32)
+            values = np.array([parse_value(row[n], where, n) for n in ATTRIBUTE_NAMES], dtype=np.float64)
+            table[rid] = _checked(values, where, ranges).astype(np.float32)
     return table
 
 
 def load_datalist(
-    datalist: str, split: str = "training", attributes_csv: str | None = None, base_dir: str | None = None
+    datalist: str,
+    split: str = "training",
+    attributes_csv: str | None = None,
+    base_dir: str | None = None,
+    ranges: Mapping[str, Sequence[float]] | None = None,
 ) -> list[dict[str, Any]]:
     """Load one split of a MONAI-style datalist and attach the attribute vector to each entry.
 
@@ -135,6 +247,8 @@ def load_datalist(
         split: key of the split to load ("training", "validation", "test").
         attributes_csv: attribute table; relative paths are resolved against ``base_dir``.
         base_dir: directory for relative paths; defaults to the datalist's directory.
+        ranges: reference ranges; when given every attribute is checked with :func:`check_attribute`
+            (the check synthesis applies to requests).
 
     Returns:
         list of dicts with ``image`` (absolute path), ``id``, ``subject`` ("" if the entry
@@ -156,7 +270,7 @@ def load_datalist(
     csv_path = attributes_csv or content.get("attributes_csv")
     table = None
     if csv_path is not None:
-        table = read_attributes_csv(csv_path if os.path.isabs(csv_path) else os.path.join(base_dir, csv_path))
+        table = read_attributes_csv(csv_path if os.path.isabs(csv_path) else os.path.join(base_dir, csv_path), ranges)
 
     items = []
     for i, entry in enumerate(entries):
@@ -172,7 +286,8 @@ def load_datalist(
             if not isinstance(inline, Mapping):
                 raise DataError(f"{where}: field 'attributes' must be a mapping name -> value")
             check_attribute_names(list(inline), f"{where}: field 'attributes'")
-            values = np.array([_parse_value(inline.get(n), where, n) for n in ATTRIBUTE_NAMES], dtype=np.float32)
+            values = np.array([parse_value(inline.get(n), where, n) for n in ATTRIBUTE_NAMES], dtype=np.float64)
+            values = _checked(values, f"{where}: field 'attributes'", ranges).astype(np.float32)
         elif table is not None:
             if rid not in table:
                 raise DataError(f"{where}: id '{rid}' not found in the attribute table {csv_path}")
@@ -181,9 +296,36 @@ def load_datalist(
             raise DataError(
                 f"{where}: no attributes (expected inline 'attributes' or an 'attributes_csv' joined by 'id')"
             )
-        # "" when the datalist does not say: subject-level privacy then refuses to guess (scripts.dp.PrivacyUnits)
+        # "" when the datalist does not say: subject-level privacy then refuses to guess
+        # (scripts.privacy.units.PrivacyUnits)
         items.append({"image": image, "id": rid, "subject": str(entry.get("subject", "")), "attributes": values})
     return items
+
+
+class LoadVolumed(MapTransform):
+    """MONAI's ``LoadImaged`` (nibabel reader, channel first) whose errors name the file.
+
+    A truncated or corrupt ``.nii.gz`` otherwise fails with a bare ``EOFError`` or a zlib /
+    nibabel message that does not say which of the cohort's files is broken.
+
+    Args:
+        keys: keys of the image paths.
+    """
+
+    def __init__(self, keys: KeysCollection) -> None:
+        super().__init__(keys)
+        self.loader = LoadImaged(keys=keys, reader="NibabelReader", ensure_channel_first=True, image_only=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        try:
+            return self.loader(data)
+        except Exception as e:
+            key = next(iter(self.key_iterator(dict(data))), None)
+            name = data.get(key, "<unknown>") if key is not None else "<unknown>"
+            raise DataError(
+                f"{name}: field '{key}': cannot read the volume ({type(e).__name__}: {str(e).strip()[:200]}); "
+                "expected a complete NIfTI-1 file (.nii or .nii.gz) holding a 3D volume"
+            ) from e
 
 
 class CheckVolumed(MapTransform):
@@ -199,9 +341,11 @@ class CheckVolumed(MapTransform):
             img = d[key]
             name = getattr(img, "meta", {}).get("filename_or_obj", "<in-memory>")
             if img.ndim != 4 or img.shape[0] != 1:
+                # the loader moved a 4th axis (time, channels) to the front: report the file's own shape
+                shape = (*img.shape[1:], img.shape[0]) if img.shape[0] != 1 else tuple(img.shape[1:])
                 raise DataError(
-                    f"{name}: field '{key}': expected a 3D volume (X, Y, slices), got shape {tuple(img.shape[1:])}"
-                    f" with {img.shape[0]} channel(s)"
+                    f"{name}: field '{key}': expected a 3D volume (X, Y, slices), "
+                    f"got {len(shape)}D data of shape {shape}"
                 )
             if not bool(torch.isfinite(torch.as_tensor(img)).all()):
                 raise DataError(f"{name}: field '{key}': volume contains NaN or inf voxels")
@@ -264,7 +408,7 @@ def get_transforms(
     """
     return Compose(
         [
-            LoadImaged(keys="image", reader="NibabelReader", ensure_channel_first=True, image_only=True),
+            LoadVolumed(keys="image"),
             CheckVolumed(keys="image"),
             # NIfTI stores (X, Y, slices); the networks see (slices, X, Y) = (D, H, W).
             Transposed(keys="image", indices=(0, 3, 1, 2)),
@@ -299,8 +443,26 @@ def get_dataset(
     Returns:
         a MONAI dataset.
     """
-    items = load_datalist(datalist, split, attributes_csv)
+    items = load_datalist(datalist, split, attributes_csv, ranges=attribute_ranges)
     transform = get_transforms(spatial_size, attribute_ranges)
     if cache:
-        return CacheDataset(items, transform, cache_rate=1.0, num_workers=0, progress=False)
+        return SerialCacheDataset(items, transform, cache_rate=1.0, progress=False)
     return Dataset(items, transform)
+
+
+class SerialCacheDataset(CacheDataset):
+    """MONAI's ``CacheDataset`` that fills its cache in the calling thread.
+
+    ``CacheDataset`` fills the cache in a ``ThreadPool`` (at least one worker thread even with
+    ``num_workers=0``). When a record fails (NaN voxels, a 4D file), the pool is torn down
+    while its worker is still loading the next record in nibabel / PyTorch code; the
+    interpreter then exits under that thread, and the process aborts ("terminate called
+    without an active exception", SIGABRT, exit -6) after printing the right message. Filling
+    in the calling thread costs nothing here (one worker did the same work, the caller waited)
+    and a bad record ends the run with the error's own exit code.
+    """
+
+    def _fill_cache(self, indices: Sequence[int] | None = None) -> list:
+        if self.cache_num <= 0:
+            return []
+        return [self._load_cache_item(i) for i in (range(self.cache_num) if indices is None else indices)]

@@ -1,10 +1,10 @@
-"""Prepare-batch callables and losses that plug the two stages into MONAI's SupervisedTrainer.
+"""Prepare-batch callables that plug the two stages into MONAI's SupervisedTrainer.
 
 MONAI's ``SupervisedTrainer`` runs the loop; a stage only supplies how a batch becomes
-(inputs, targets, inferer kwargs) and how the loss is computed:
+(inputs, targets, inferer kwargs) and how the loss is computed (losses: :mod:`scripts.losses`):
 
 - autoencoder: :class:`ReconstructionPrepareBatch` (target = input) and
-  :class:`AutoencoderKLLoss` (reconstruction + KL, optional perceptual loss);
+  :class:`scripts.losses.AutoencoderKLLoss` (reconstruction + KL, optional perceptual loss);
 - latent diffusion: :class:`LatentDiffusionPrepareBatch` extends MONAI's
   ``DiffusionPrepareBatch`` by encoding images with the frozen autoencoder (MONAI's version
   draws noise of the *image* shape) and by attribute dropout for classifier-free guidance.
@@ -13,13 +13,11 @@ MONAI's ``SupervisedTrainer`` runs the loop; a stage only supplies how a batch b
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from monai.engines.utils import DiffusionPrepareBatch, PrepareBatch
-from monai.losses import PatchAdversarialLoss, PerceptualLoss
-from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
 
@@ -43,113 +41,6 @@ class ReconstructionPrepareBatch(PrepareBatch):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         image = batchdata["image"].to(device=device, non_blocking=non_blocking)
         return image, image
-
-
-def _slices(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, D, H, W) -> (B * D, C, H, W)."""
-    b, c, d, h, w = x.shape
-    return x.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
-
-
-class PatchAdversarialTerm(nn.Module):
-    """Optional PatchGAN term of the autoencoder loss: MONAI's ``PatchDiscriminator`` (2D, on
-    slices, like the autoencoder) with least-squares ``PatchAdversarialLoss``.
-
-    MONAI's ``AdversarialTrainer`` expects a generator that returns an image, while the KL
-    autoencoder returns (reconstruction, z_mu, z_sigma); so the discriminator and its
-    optimiser live here and take their step inside the loss call (on detached
-    reconstructions) when gradients are enabled, i.e. in training, not in validation. The
-    discriminator's optimiser state is part of this module's state_dict (extra state), so a
-    resumed run continues it.
-
-    Args:
-        channels: discriminator base channels.
-        num_layers: discriminator layers.
-        lr: discriminator learning rate.
-    """
-
-    def __init__(self, channels: int = 32, num_layers: int = 3, lr: float = 1e-4) -> None:
-        super().__init__()
-        self.discriminator = PatchDiscriminator(
-            spatial_dims=2, num_layers_d=num_layers, channels=channels, in_channels=1, out_channels=1, norm="INSTANCE"
-        )
-        self.criterion = PatchAdversarialLoss(criterion="least_squares")
-        self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=(0.5, 0.999))
-
-    def forward(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Generator loss of ``recon``; first one discriminator step when gradients are enabled."""
-        fake, real = _slices(recon), _slices(target)
-        if torch.is_grad_enabled():
-            self.optimizer.zero_grad(set_to_none=True)
-            d_loss = 0.5 * (
-                self.criterion(self.discriminator(fake.detach())[-1], target_is_real=False, for_discriminator=True)
-                + self.criterion(self.discriminator(real)[-1], target_is_real=True, for_discriminator=True)
-            )
-            d_loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return self.criterion(self.discriminator(fake)[-1], target_is_real=True, for_discriminator=False)
-
-    def get_extra_state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-
-
-class AutoencoderKLLoss(nn.Module):
-    """Reconstruction (L1 or L2) + ``kl_weight`` x KL, plus optional perceptual and PatchGAN terms.
-
-    The perceptual term uses MONAI's ``PerceptualLoss`` (ResNet-50, 2.5D) and is only built
-    when ``perceptual_weights`` names a local weights file: nothing is downloaded. The
-    adversarial term (:class:`PatchAdversarialTerm`) is built when ``adversarial_weight > 0``.
-
-    Args:
-        reconstruction: "l1" or "l2".
-        kl_weight: weight of the KL divergence to N(0, I).
-        perceptual_weight: weight of the perceptual loss (used only with a weights file).
-        perceptual_weights: local ResNet-50 weights file, or None to disable.
-        adversarial_weight: weight of the PatchGAN generator loss (0 disables it).
-        discriminator_lr: learning rate of the discriminator.
-    """
-
-    def __init__(
-        self,
-        reconstruction: str = "l1",
-        kl_weight: float = 1e-6,
-        perceptual_weight: float = 0.0,
-        perceptual_weights: str | None = None,
-        adversarial_weight: float = 0.0,
-        discriminator_lr: float = 1e-4,
-    ) -> None:
-        super().__init__()
-        if reconstruction not in ("l1", "l2"):
-            raise ValueError(f"config field 'reconstruction': expected 'l1' or 'l2', got {reconstruction!r}")
-        self.reconstruction = nn.L1Loss() if reconstruction == "l1" else nn.MSELoss()
-        self.kl_weight = kl_weight
-        self.perceptual_weight = perceptual_weight if perceptual_weights else 0.0
-        self.perceptual = (
-            PerceptualLoss(
-                spatial_dims=3, network_type="resnet50", is_fake_3d=True, pretrained=True, pretrained_path=perceptual_weights
-            )
-            if perceptual_weights and perceptual_weight > 0
-            else None
-        )
-        self.adversarial_weight = adversarial_weight
-        self.adversarial = PatchAdversarialTerm(lr=discriminator_lr) if adversarial_weight > 0 else None
-
-    def forward(self, pred: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        """Loss of ``pred = (reconstruction, z_mu, z_sigma)`` against ``target``."""
-        recon, z_mu, z_sigma = pred
-        loss = self.reconstruction(recon, target)
-        var = z_sigma.pow(2)
-        kl = 0.5 * (z_mu.pow(2) + var - torch.log(var.clamp_min(1e-12)) - 1).flatten(1).sum(1).mean()
-        loss = loss + self.kl_weight * kl
-        if self.perceptual is not None:
-            loss = loss + self.perceptual_weight * self.perceptual(recon.float(), target.float())
-        if self.adversarial is not None:
-            loss = loss + self.adversarial_weight * self.adversarial(recon.float(), target.float())
-        return loss
 
 
 class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):

@@ -1,20 +1,50 @@
-"""Atomic file writes: every artefact is written to a temp file beside it, then renamed.
+"""File helpers: atomic writes, stale temp files, SHA-256, the NIfTI writer.
 
-A crash or a failed run therefore never leaves a half-written file, and never replaces a
-good one.
+Every artefact (checkpoint, report, NIfTI volume, cohort file, PNG) is written to a temp file
+beside it and renamed over the destination only when complete. What a crash can and cannot lose:
+
+- a finished file is never half-written: a reader sees the old file or the new one;
+- a file that a failed run did not finish is not replaced (the previous one stays);
+- a killed process (``kill -9``, power loss) can leave its temp file,
+  ``.<name>.<random>.part``: hidden, and matched by no ``*.nii.gz`` / ``*.pt`` / ``*.json`` /
+  ``*.png`` / ``*.csv`` glob. Each stage removes the stale temp files of its outputs when it
+  starts (:func:`remove_stale_temp`);
+- the rename is atomic, but without an fsync of the folder a power loss right after it can
+  still lose the rename itself (the old file then remains).
+
+Final files get the mode a plain ``open(path, "w")`` gives (0666 minus the umask: 0644 under
+the usual umask 022), not the 0600 of ``tempfile.mkstemp``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import os
-import tempfile
-from collections.abc import Iterator
+import secrets
+import shutil
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+TEMP_SUFFIX = ".part"
+_GZIP_LEVEL = 6
+
+
+def temp_name(path: str | os.PathLike) -> str:
+    """A fresh temp path for ``path``: ``<folder>/.<name>.<random>.part`` (hidden, no artefact suffix)."""
+    directory, name = os.path.split(os.fspath(path))
+    return os.path.join(directory, f".{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temp path in ``path``'s folder (same suffix); rename it over ``path`` on success.
+    """Yield a temp path beside ``path``; rename it over ``path`` when the block succeeds.
+
+    The temp file exists (empty) when the block starts, created like ``open(path, "w")`` would
+    create a file (mode 0666 minus the umask). Writers that pick a format from the file name
+    (matplotlib, nibabel) must be told the format: the temp name ends in ``.part``.
 
     Args:
         path: the destination; its folder is created if needed.
@@ -23,16 +53,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         the temp path to write to. It is removed if the block raises.
     """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    suffix = ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=suffix)
-    os.close(fd)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    while True:
+        tmp = temp_name(path)
+        try:  # O_EXCL: never reuse another writer's temp file; mode 0o666 & ~umask like open(path, "w")
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
     try:
         yield tmp
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
 
@@ -46,8 +79,105 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
+    """Write ``data`` to ``path`` atomically (flushed to disk before the rename)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def remove_stale_temp(
+    folder: str | os.PathLike, names: Iterable[str] | None = None, recursive: bool = False
+) -> list[str]:
+    """Remove the temp files (and staging folders) that killed writers left in ``folder``.
+
+    A stage calls this when it starts, for its own output folder.
+
+    Also removes the ``.tmp_*`` files of the bundle's earlier temp naming (with ``names``: those
+    with the same suffix, e.g. ``.tmp_*.pt``).
+
+    Args:
+        folder: the stage's output folder (a missing folder has nothing to remove).
+        names: only the temp files of these destination names (e.g. ``["autoencoder.pt"]``), so
+            a stage never touches another stage's files in a shared folder; None: every temp file.
+        recursive: also look in sub-folders.
+
+    Returns:
+        the removed paths.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    prefix = "**/" if recursive else ""
+    if names is None:
+        patterns = [f".*{TEMP_SUFFIX}", ".tmp_*"]
+    else:
+        names = list(names)
+        patterns = [f".{glob.escape(n)}.*{TEMP_SUFFIX}" for n in names]
+        # the earlier naming (.tmp_<random><suffix>) did not record the destination: match by suffix
+        patterns += sorted({f".tmp_*{_suffix(n)}" for n in names})
+    removed = []
+    for pattern in patterns:
+        found = glob.glob(os.path.join(glob.escape(folder), prefix + pattern), recursive=recursive, include_hidden=True)
+        for path in found:
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.isdir(path) and not os.path.islink(path):  # a staging folder (scripts.phantom)
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+                removed.append(path)
+    return sorted(removed)
+
+
+def _suffix(name: str) -> str:
+    """``.nii.gz`` for NIfTI files, else the last extension."""
+    return ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file (``hashlib.file_digest``: reads in blocks, not into memory at once)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def nifti_gz_bytes(array: np.ndarray, affine: np.ndarray, description: str | None = None) -> bytes:
+    """A gzip-compressed NIfTI-1 image as bytes, byte-reproducible (gzip mtime 0, no file name).
+
+    The header stores ``array``'s dtype, units mm / s, and ``affine`` as qform and sform (code 1).
+
+    Args:
+        array: the voxel array, in the axis order it is stored (X, Y, Z).
+        affine: 4 x 4 voxel-to-world affine (mm).
+        description: optional header ``descrip`` (at most 80 bytes).
+
+    Returns:
+        the ``.nii.gz`` file content.
+    """
+    import gzip
+    import io
+
+    import nibabel as nib
+
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_data_dtype(array.dtype)
+    image.header.set_xyzt_units("mm", "sec")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    if description:
+        image.header["descrip"] = description.encode()[:80]
+    buffer = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=_GZIP_LEVEL, mtime=0) as gz:
+        gz.write(image.to_bytes())
+    return buffer.getvalue()
+
+
+def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, description: str | None = None) -> None:
+    """Write ``array`` as a ``.nii.gz`` file atomically (see :func:`nifti_gz_bytes`).
+
+    Args:
+        path: destination ``.nii.gz`` path.
+        array: the voxel array (X, Y, Z).
+        affine: 4 x 4 affine (mm).
+        description: optional header ``descrip``.
+    """
+    write_bytes_atomic(path, nifti_gz_bytes(array, affine, description))

@@ -3,7 +3,8 @@
 - :class:`AtomicCheckpoint`: MONAI's ``CheckpointSaver`` writes non-atomically and, on an
   exception, overwrites the final checkpoint with the failed run's state; a failed run here
   must never replace a good artefact. This handler writes ``<name>_last.pt`` every epoch
-  (for resume) and the final file only when training completes, both via temp + rename.
+  (for resume) and the final file only when training completes, both via temp + rename;
+  when attached it removes the temp files a killed run left for those two files.
 - :class:`RNGState`: torch / numpy / random generator states as a checkpointable object.
 - :class:`LatentScaleFactor`: measures 1 / std of the autoencoder's latents on the public
   training data when training completes and stores it inside the autoencoder.
@@ -21,9 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from ignite import distributed as idist
 from ignite.engine import Engine, Events
 
-from scripts.files import atomic_path
+from scripts.errors import CheckpointError, ConfigError, DataError
+from scripts.files import atomic_path, remove_stale_temp
 
 logger = logging.getLogger(__name__)
 
@@ -51,22 +54,35 @@ def resume(path: str, objects: Mapping[str, Any], trainer: Engine, map_location:
     Returns:
         True if a checkpoint was restored.
     """
+    from scripts.networks import load_checkpoint
+
     if not os.path.isfile(path):
         return False
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    stage = "this stage (it writes its resume checkpoint every epoch); or pass --resume False to start afresh"
+    ckpt = load_checkpoint(path, stage, map_location)
     missing = [k for k in [*objects, "trainer"] if k not in ckpt]
     if missing:
-        raise KeyError(f"{path}: resume checkpoint lacks {missing}; delete it to start afresh")
+        raise CheckpointError(
+            f"{path}: resume checkpoint lacks {missing} (written by another stage or version?); delete it or pass "
+            "--resume False to start afresh"
+        )
     max_epochs = trainer.state.max_epochs
     state = ckpt["trainer"]  # Ignite's Engine.state_dict(): iteration, epoch_length, max_epochs
     done = state["epoch"] if "epoch" in state else state["iteration"] // max(state.get("epoch_length") or 1, 1)
     if max_epochs is not None and done >= max_epochs:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: the run to resume has already done {done} epochs (configured epochs={max_epochs}); "
             f"pass --epochs N with N > {done} to continue it, or --resume False to start afresh"
         )
     for key, obj in objects.items():
-        getattr(obj, "module", obj).load_state_dict(ckpt[key])
+        try:
+            getattr(obj, "module", obj).load_state_dict(ckpt[key])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(
+                f"{path}: its '{key}' does not fit this run's configuration "
+                f"({type(e).__name__}: {str(e).strip()[:200]}); "
+                "resume with the settings it was written with, or pass --resume False to start afresh"
+            ) from e
     trainer.load_state_dict(ckpt["trainer"])
     if max_epochs is not None:
         trainer.state.max_epochs = max_epochs
@@ -115,9 +131,16 @@ class AtomicCheckpoint:
         self.final_path = os.path.join(save_dir, final_filename)
         self.last_path = os.path.join(save_dir, last_filename)
         self.save_interval = save_interval
+        self.filenames = (final_filename, last_filename)
 
     def attach(self, engine: Engine) -> None:
-        """Register on ``engine``: EPOCH_COMPLETED -> last checkpoint, COMPLETED -> final."""
+        """Register on ``engine``: EPOCH_COMPLETED -> last checkpoint, COMPLETED -> final.
+
+        Also removes the temp files of these two checkpoints that a killed run left behind.
+        """
+        if idist.get_rank() == 0:
+            for stale in remove_stale_temp(self.save_dir, self.filenames):
+                logger.info(f"removed {stale}, the temp file of an interrupted checkpoint write")
         self.save_dict["trainer"] = engine
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save, self.last_path)
         engine.add_event_handler(Events.COMPLETED, self.save, self.final_path)
@@ -135,7 +158,7 @@ class AtomicCheckpoint:
 
     def save(self, engine: Engine, path: str) -> None:
         """Write the checkpoint atomically to ``path`` (rank 0 only)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        if idist.get_rank() > 0:
             return
         atomic_torch_save(self.state(), path)
         logger.info(f"epoch {engine.state.epoch}: saved checkpoint {path}")
@@ -175,7 +198,7 @@ class LatentScaleFactor:
             total_sq += float((z * z).sum())
         model.train(was_training)
         if count == 0:
-            raise ValueError("latent scale factor: the public training loader yielded no data")
+            raise DataError("latent scale factor: the public training loader yielded no data (expected a non-empty training split)")
         std = max((total_sq / count - (total / count) ** 2), 1e-12) ** 0.5
         return 1.0 / std
 

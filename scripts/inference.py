@@ -38,15 +38,16 @@ import torch
 from monai.networks.schedulers import DDPMScheduler, Scheduler
 from torch import nn
 
-from scripts.attributes import ATTRIBUTE_NAMES, ATTRIBUTE_UNITS
-from scripts.data import DataError, EncodeAttributesd, _parse_value
-from scripts.files import atomic_path, write_text_atomic
+from scripts.attributes import ATTRIBUTE_NAMES, BINARY_ATTRIBUTES
+from scripts.data import EncodeAttributesd, check_attribute, parse_value
+from scripts.errors import ConfigError, DataError, MissingInputError, OutputExistsError, check_options
+from scripts.files import remove_stale_temp, write_nifti, write_text_atomic
 from scripts.sampling import EvaluationCounter, decode_latents, sample_latents
 
 logger = logging.getLogger(__name__)
 
 REQUEST_COLUMNS = ("count", "seed")
-BINARY_ATTRIBUTES = ("SEX", "ESED")
+CLIP_HINT = "pass --clip_out_of_range True to clip it"
 MANIFEST = "manifest.csv"
 PREVIEW = "preview.png"
 SAMPLE_PATTERN = re.compile(r"^row\d+_sample\d+\.(nii\.gz|json)$")
@@ -102,40 +103,9 @@ class SampleSpec:
         return f"row{self.request.row:04d}_sample{self.index:03d}"
 
 
-def check_value(
-    value: float, name: str, where: str, ranges: Mapping[str, Sequence[float]], clip: bool
-) -> tuple[float, bool]:
-    """Apply the out-of-range policy to one raw attribute value.
-
-    Args:
-        value: raw value (NaN = missing, always accepted).
-        name: attribute name.
-        where: file/row description for messages.
-        ranges: reference ranges ``{name: (low, high)}``.
-        clip: clip out-of-range values (with a warning) instead of raising.
-
-    Returns:
-        (value to use, whether it was clipped).
-    """
-    if math.isnan(value):
-        return value, False
-    if name in BINARY_ATTRIBUTES and value not in (0.0, 1.0):
-        raise DataError(
-            f"{where}, column '{name}': expected 0 or 1 ({ATTRIBUTE_UNITS[name]}) or blank (missing), got {value:g}"
-        )
-    low, high = (float(r) for r in ranges[name])
-    if low <= value <= high:
-        return value, False
-    unit = ATTRIBUTE_UNITS[name]
-    if not clip:
-        raise DataError(
-            f"{where}, column '{name}': {value:g} is outside the reference range [{low:g}, {high:g}] ({unit}) of "
-            f"configs/common.yaml; give a value in the range, leave the cell blank (missing), or pass "
-            f"--clip_out_of_range True to clip it"
-        )
-    used = min(max(value, low), high)
-    logger.warning(f"{where}, column '{name}': {value:g} is outside [{low:g}, {high:g}] ({unit}); clipped to {used:g}")
-    return used, True
+def _policy(clip_out_of_range: bool) -> str:
+    """The out-of-range policy of :func:`scripts.data.check_attribute` for synthesis requests."""
+    return "clip" if clip_out_of_range else "error"
 
 
 def _parse_int(raw: str | None, where: str, column: str, minimum: int, maximum: int) -> int | None:
@@ -191,8 +161,8 @@ def read_requests(path: str | None, ranges: Mapping[str, Sequence[float]], clip_
             for i, name in enumerate(ATTRIBUTE_NAMES):
                 if name not in cell:
                     continue
-                value = _parse_value(cell[name], where, name)
-                values[i], was_clipped = check_value(value, name, where, ranges, clip_out_of_range)
+                value = parse_value(cell[name], where, name)
+                values[i], was_clipped = check_attribute(value, name, where, ranges, _policy(clip_out_of_range), CLIP_HINT)
                 if was_clipped:
                     clipped[name] = value
             count = _parse_int(cell.get("count"), where, "count", 1, 10**6)
@@ -259,9 +229,9 @@ def load_model(
     from scripts.networks import load_diffusion
 
     if weights not in ("ema", "network"):
-        raise ValueError(f"config field 'weights': expected 'ema' or 'network', got {weights!r}")
+        raise ConfigError(f"config field 'weights': expected 'ema' or 'network', got {weights!r}")
     if not os.path.isfile(model_path):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"model weights {model_path} not found; they are produced by the DP fine-tuning stage: {DP_STAGE}"
             f"{_large_files_hint(model_path, bundle_root)}"
         )
@@ -291,7 +261,7 @@ def resolve_autoencoder_path(autoencoder_path: str | None, model_info: Mapping, 
         if path and not os.path.isabs(path) and not os.path.isfile(path):
             path = os.path.join(bundle_root, path)
     if not path or not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"autoencoder {path or '<none>'} ({origin}) not found; it is produced by: {AUTOENCODER_STAGE} "
             f"(a DP-fine-tuned one by configs/dp_finetune_autoencoder.yaml); or pass --autoencoder_path FILE"
         )
@@ -325,12 +295,16 @@ def bundle_version(meta: Mapping | None) -> str | None:
     return None if not meta else meta.get("version")
 
 
-def privacy_info(report_path: str, model_sha256: str) -> dict[str, Any]:
+def privacy_info(report_path: str, model_sha256: str, autoencoder_sha256: str | None = None) -> dict[str, Any]:
     """The privacy guarantee that applies to samples of the model with hash ``model_sha256``.
+
+    The report's epsilon covers images decoded with the autoencoder it names: decoding with
+    another one (e.g. a DP-fine-tuned autoencoder the ledger lacks) voids the claim.
 
     Args:
         report_path: ``models/privacy_report.json`` written by the DP stage.
         model_sha256: SHA-256 of the model file sampled from.
+        autoencoder_sha256: SHA-256 of the autoencoder file decoded with.
 
     Returns:
         ``{"privacy": {epsilon, delta, privacy_unit, accountant, report, covers}}`` when the
@@ -353,6 +327,11 @@ def privacy_info(report_path: str, model_sha256: str) -> dict[str, Any]:
             f"privacy report {report_path} describes model sha256 {str(report.get('model_sha256'))[:16]}..., "
             f"not the model sampled from (sha256 {model_sha256[:16]}...)"
         )
+    if autoencoder_sha256 is not None and report.get("autoencoder_sha256") != autoencoder_sha256:
+        return unknown(
+            f"privacy report {report_path} covers images decoded with the autoencoder of sha256 "
+            f"{str(report.get('autoencoder_sha256'))[:16]}..., not the one used (sha256 {autoencoder_sha256[:16]}...)"
+        )
     if report.get("status", "complete") != "complete":
         return unknown(f"privacy report {report_path} has status {report.get('status')!r}, not 'complete'")
     keys = ("epsilon", "delta", "privacy_unit", "accountant")
@@ -360,7 +339,7 @@ def privacy_info(report_path: str, model_sha256: str) -> dict[str, Any]:
     if missing:
         return unknown(f"privacy report {report_path} lacks {missing}")
     privacy = {k: report[k] for k in keys}
-    privacy.update(report=report_path, covers=report.get("covers"))
+    privacy.update(report=report_path, covers=report.get("covers"), not_covered=report.get("not_covered"))
     return {"privacy": privacy}
 
 
@@ -378,7 +357,7 @@ def make_provenance(
         sampler, steps, guidance scale, weights, model file + SHA-256, bundle version,
         autoencoder file + SHA-256, and the privacy block of :func:`privacy_info`.
     """
-    from scripts.dp import sha256
+    from scripts.files import sha256
 
     model_sha = sha256(model_path)
     info = {
@@ -392,7 +371,7 @@ def make_provenance(
         "autoencoder": autoencoder_path,
         "autoencoder_sha256": sha256(autoencoder_path),
     }
-    info.update(privacy_info(report_path, model_sha))
+    info.update(privacy_info(report_path, model_sha, info["autoencoder_sha256"]))
     info["attributes_note"] = ATTRIBUTES_NOTE
     return info
 
@@ -406,9 +385,9 @@ def _guidance(scale: Any) -> float | None:
     try:
         value = float(scale)
     except (TypeError, ValueError):
-        raise ValueError(f"config field 'guidance_scale': expected a number >= 0 or null (off), got {scale!r}") from None
+        raise ConfigError(f"config field 'guidance_scale': expected a number >= 0 or null (off), got {scale!r}") from None
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"config field 'guidance_scale': expected a number >= 0 or null (off), got {scale!r}")
+        raise ConfigError(f"config field 'guidance_scale': expected a number >= 0 or null (off), got {scale!r}")
     return None if value == 1.0 else value
 
 
@@ -496,7 +475,7 @@ class Synthesizer:
 def nifti_affine(shape_xyz: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
     """A 4x4 affine with voxel size ``spacing`` (mm) and the volume centred on the origin."""
     if len(spacing) != 3 or not all(float(s) > 0 for s in spacing):
-        raise ValueError(f"config field 'spacing': expected 3 positive voxel sizes in mm (X, Y, slice), got {spacing!r}")
+        raise ConfigError(f"config field 'spacing': expected 3 positive voxel sizes in mm (X, Y, slice), got {spacing!r}")
     affine = np.diag([*(float(s) for s in spacing), 1.0])
     affine[:3, 3] = [-(n - 1) / 2.0 * float(s) for n, s in zip(shape_xyz, spacing)]
     return affine
@@ -505,25 +484,20 @@ def nifti_affine(shape_xyz: Sequence[int], spacing: Sequence[float]) -> np.ndarr
 def save_nifti(volume: np.ndarray, path: str, spacing: Sequence[float]) -> np.ndarray:
     """Save a (D, H, W) = (slices, X, Y) volume as a float32 NIfTI with array layout (X, Y, slices).
 
+    Written with :func:`scripts.files.write_nifti`, the bundle's one NIfTI writer (atomic,
+    byte-reproducible, qform/sform code 1, units mm).
+
     Args:
         volume: network-layout volume.
-        path: ``.nii.gz`` path (written atomically).
+        path: ``.nii.gz`` path.
         spacing: (X, Y, slice) voxel size in mm.
 
     Returns:
         the affine written.
     """
-    import nibabel as nib
-
     data = np.ascontiguousarray(np.transpose(np.asarray(volume, dtype=np.float32), (1, 2, 0)))
     affine = nifti_affine(data.shape, spacing)
-    image = nib.Nifti1Image(data, affine)
-    image.header.set_xyzt_units("mm")
-    image.header.set_qform(affine, code=1)
-    image.header.set_sform(affine, code=1)
-    image.header["descrip"] = b"synthetic (cardiac DP-LDM bundle)"
-    with atomic_path(path) as tmp:
-        nib.save(image, tmp)
+    write_nifti(path, data, affine, "synthetic (cardiac DP-LDM bundle)")
     return affine
 
 
@@ -541,10 +515,10 @@ def check_output_dir(output_dir: str, overwrite: bool = False) -> list[str]:
         the files of the earlier run (to be replaced when ``overwrite``).
     """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise NotADirectoryError(f"--output_dir {output_dir} exists and is not a directory")
+        raise ConfigError(f"--output_dir {output_dir} exists and is not a directory; expected a folder path")
     old = previous_run_files(output_dir)
     if old and not overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"--output_dir {output_dir} already holds a synthesis run ({len(old)} files, e.g. {old[0]}); "
             "choose another --output_dir or pass --overwrite True to replace that run"
         )
@@ -554,13 +528,16 @@ def check_output_dir(output_dir: str, overwrite: bool = False) -> list[str]:
 def prepare_output_dir(output_dir: str, overwrite: bool = False) -> str:
     """Create ``output_dir`` after :func:`check_output_dir`; with ``overwrite`` remove the earlier run's files.
 
-    Only the files a run writes are removed; anything else in the folder is left alone.
+    Only the files a run writes are removed (and the temp files an interrupted run left,
+    ``.<name>.<random>.part``); anything else in the folder is left alone.
 
     Returns:
         the output directory.
     """
     for name in check_output_dir(output_dir, overwrite):
         os.remove(os.path.join(output_dir, name))
+    for stale in remove_stale_temp(output_dir):
+        logger.info(f"removed {stale}, the temp file of an interrupted write")
     os.makedirs(output_dir, exist_ok=True)
     return output_dir
 
@@ -580,8 +557,8 @@ def write_manifest(path: str, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    if isinstance(size, bool) or int(size) < 1:
-        raise ValueError(f"config field 'batch_size': expected an integer >= 1, got {size!r}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or int(size) < 1:
+        raise ConfigError(f"option --batch_size: expected an integer >= 1, got {size!r}")
     return [items[i : i + int(size)] for i in range(0, len(items), int(size))]
 
 
@@ -618,6 +595,7 @@ def run_inference(
 
     from scripts.visualize import save_montage
 
+    check_options(seed=seed, batch_size=batch_size, preview_count=preview_count)
     samples = plan_samples(requests, seed)
     nifti_affine((1, 1, 1), spacing)  # validate before sampling
     prepare_output_dir(output_dir, overwrite)
@@ -704,11 +682,14 @@ def sweep_values(
     if values is not None:
         if isinstance(values, (int, float, str)) or not len(values):
             raise DataError(f"{where}: expected a non-empty list of numbers, e.g. \"[100,150,200]\", got {values!r}")
-        return [check_value(_parse_value(v, where, attribute), attribute, where, ranges, clip_out_of_range)[0] for v in values]
+        return [
+            check_attribute(parse_value(v, where, attribute), attribute, where, ranges, _policy(clip_out_of_range), CLIP_HINT)[0]
+            for v in values
+        ]
     if attribute in BINARY_ATTRIBUTES:
         return [0.0, 1.0]
-    if isinstance(count, bool) or int(count) < 1:
-        raise ValueError(f"config field 'sweep_count': expected an integer >= 1, got {count!r}")
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or int(count) < 1:
+        raise ConfigError(f"option --sweep_count: expected an integer >= 1, got {count!r}")
     low, high = (float(r) for r in ranges[attribute])
     if attribute in plausible:
         low, high = max(low, float(plausible[attribute][0])), min(high, float(plausible[attribute][1]))
@@ -737,7 +718,8 @@ def sweep_base(
     values = np.full(len(ATTRIBUTE_NAMES), np.nan)
     for i, name in enumerate(ATTRIBUTE_NAMES):
         if defaults.get(name) is not None:
-            values[i] = check_value(float(defaults[name]), name, "config field 'sweep_defaults'", ranges, False)[0]
+            where = "config field 'sweep_defaults'"
+            values[i] = check_attribute(parse_value(defaults[name], where, name), name, where, ranges)[0]
     return values, None
 
 
@@ -745,52 +727,8 @@ def check_sweep_output(output_dir: str, attribute: str, overwrite: bool = False)
     """Refuse to replace an existing ``sweep_<attribute>.png`` unless ``overwrite``; returns its path."""
     png = os.path.join(output_dir, f"sweep_{attribute}.png")
     if os.path.exists(png) and not overwrite:
-        raise FileExistsError(f"{png} already exists; choose another --output_dir or pass --overwrite True")
+        raise OutputExistsError(f"{png} already exists; choose another --output_dir or pass --overwrite True")
     return png
-
-
-def save_sweep_grid(
-    volumes: np.ndarray, values: Sequence[float], row_labels: Sequence[str], attribute: str, path: str, title: str = ""
-) -> str:
-    """Save a grid of mid-ventricular slices: one row per phase, one column per value.
-
-    Args:
-        volumes: (rows, columns, D, H, W) volumes.
-        values: the swept values (columns).
-        row_labels: one label per row.
-        attribute: swept attribute (for the column titles).
-        path: PNG path (written atomically).
-        title: figure title.
-
-    Returns:
-        the PNG path.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, cols = volumes.shape[:2]
-    mid = volumes.shape[2] // 2
-    unit = ATTRIBUTE_UNITS[attribute].split(",")[0] if attribute not in BINARY_ATTRIBUTES else ""
-    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.1 * rows + 0.4), squeeze=False)
-    for r in range(rows):
-        for c in range(cols):
-            ax = axes[r, c]
-            ax.imshow(volumes[r, c, mid], cmap="gray", vmin=0.0, vmax=1.0)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(f"{attribute} = {values[c]:g} {unit}".strip(), fontsize=8)
-            if c == 0:
-                ax.set_ylabel(f"{row_labels[r]}\nslice {mid}", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    return path
 
 
 def run_sweep(
@@ -822,11 +760,15 @@ def run_sweep(
     """
     from tqdm import tqdm
 
+    from scripts.visualize import save_sweep_grid
+
+    check_options(seed=seed, batch_size=batch_size)
     sweep = sweep_values(attribute, values, count, ranges, plausible, clip_out_of_range)
     base, base_seed = sweep_base(defaults, base_csv, ranges, clip_out_of_range)
     seed = int(seed if base_seed is None else base_seed)
     png = check_sweep_output(output_dir, attribute, overwrite)
     sidecar = os.path.join(output_dir, f"sweep_{attribute}.json")
+    remove_stale_temp(output_dir, [os.path.basename(png), os.path.basename(sidecar)])
     os.makedirs(output_dir, exist_ok=True)
     phase_index = ATTRIBUTE_NAMES.index("ESED")
     if attribute == "ESED" or not phases:

@@ -11,13 +11,32 @@ the networks are valid for DP-SGD (DESIGN.md section 4.4).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.utils import look_up_option
 from torch import nn
 
 from scripts.attributes import ATTRIBUTE_NAMES
+from scripts.errors import CheckpointError, ConfigError, MissingInputError
+
+AUTOENCODER_STAGE = "python -m monai.bundle run training --config_file configs/train_autoencoder.yaml"
+DIFFUSION_STAGE = "python -m monai.bundle run training --config_file configs/train_diffusion.yaml"
+WEIGHTS = ("ema", "network")
+
+
+def to_slices(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, D, H, W) stack -> (B * D, C, H, W) slices (slice-major within each volume)."""
+    b, c, d, h, w = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
+
+
+def to_stack(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B * D, C, H, W) slices -> (B, C, D, H, W) stacks; the inverse of :func:`to_slices`."""
+    bd, c, h, w = x.shape
+    return x.reshape(batch, bd // batch, c, h, w).permute(0, 2, 1, 3, 4)
 
 
 class SliceAutoencoder(nn.Module):
@@ -40,24 +59,14 @@ class SliceAutoencoder(nn.Module):
         # 0 until the pre-training stage has measured the scale factor on public data.
         self.register_buffer("scale_factor_measured", torch.tensor(False))
 
-    @staticmethod
-    def _to_slices(x: torch.Tensor) -> torch.Tensor:
-        b, c, d, h, w = x.shape
-        return x.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
-
-    @staticmethod
-    def _to_stack(x: torch.Tensor, batch: int) -> torch.Tensor:
-        bd, c, h, w = x.shape
-        return x.reshape(batch, bd // batch, c, h, w).permute(0, 2, 1, 3, 4)
-
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (z_mu, z_sigma), each (B, latent_channels, D, H/f, W/f)."""
-        z_mu, z_sigma = self.autoencoder.encode(self._to_slices(x))
-        return self._to_stack(z_mu, x.shape[0]), self._to_stack(z_sigma, x.shape[0])
+        z_mu, z_sigma = self.autoencoder.encode(to_slices(x))
+        return to_stack(z_mu, x.shape[0]), to_stack(z_sigma, x.shape[0])
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Decode a (B, latent_channels, D, h, w) latent to a (B, C, D, H, W) stack."""
-        return self._to_stack(self.autoencoder.decode(self._to_slices(z)), z.shape[0])
+        return to_stack(self.autoencoder.decode(to_slices(z)), z.shape[0])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (reconstruction, z_mu, z_sigma) like ``AutoencoderKL.forward``.
@@ -99,7 +108,7 @@ class AttributeEncoder(nn.Module):
     def __init__(self, num_attributes: int = len(ATTRIBUTE_NAMES), dim: int = 64, num_heads: int = 4) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"attribute encoder: dim ({dim}) must be divisible by num_heads ({num_heads})")
+            raise ConfigError(f"attribute encoder: dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_attributes, self.dim, self.num_heads = num_attributes, dim, num_heads
         self.value_embeddings = nn.ModuleList(nn.Linear(1, dim) for _ in range(num_attributes))
         self.missing_embedding = nn.Embedding(num_attributes, dim)
@@ -112,7 +121,8 @@ class AttributeEncoder(nn.Module):
         """Map a (B, A, 2) condition to (B, A, dim) tokens."""
         if condition.ndim != 3 or condition.shape[1:] != (self.num_attributes, 2):
             raise ValueError(
-                f"attribute encoder: expected condition of shape (B, {self.num_attributes}, 2), got {tuple(condition.shape)}"
+                f"attribute encoder: expected condition of shape (B, {self.num_attributes}, 2), "
+                f"got {tuple(condition.shape)}"
             )
         values, missing = condition[..., 0:1], (condition[..., 1:2] != 0)
         embedded = torch.stack([emb(values[:, i]) for i, emb in enumerate(self.value_embeddings)], dim=1)
@@ -180,7 +190,7 @@ def check_latent_shape(spatial_size: Sequence[int], latent_shape: Sequence[int],
     d, h, w = spatial_size
     expected = (autoencoder.autoencoder.latent_channels, d, h // factor, w // factor)
     if tuple(latent_shape) != expected:
-        raise ValueError(
+        raise ConfigError(
             f"config field 'latent_shape': {list(latent_shape)} does not match the autoencoder's latent for "
             f"spatial_size {list(spatial_size)}; expected {list(expected)} (C, D, H/{factor}, W/{factor})"
         )
@@ -192,22 +202,57 @@ def _num_downsamples(autoencoder: SliceAutoencoder) -> int:
     return sum(isinstance(m, AEKLDownsample) for m in autoencoder.autoencoder.encoder.modules())
 
 
-def load_checkpoint(path: str, produced_by: str, device: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint dict, or fail with the command of the stage that produces it.
+def load_checkpoint(
+    path: str, produced_by: str, device: str | torch.device = "cpu", required: Sequence[str] = ()
+) -> dict:
+    """Load a checkpoint dict; every failure names the file and the stage that writes it.
 
     Args:
         path: checkpoint file.
-        produced_by: the bundle command that writes this file (for the error message).
+        produced_by: the bundle command that writes this file (for the error messages).
         device: map_location.
+        required: keys the checkpoint must hold (a checkpoint of another stage lacks them).
 
     Returns:
         the checkpoint dict.
-    """
-    import os
 
+    Raises:
+        MissingInputError: the file does not exist.
+        CheckpointError: the file is not a readable PyTorch checkpoint dict (text, truncated,
+            another format) or lacks a ``required`` key.
+    """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found; it is produced by: {produced_by}")
-    return torch.load(path, map_location=device, weights_only=False)
+        raise MissingInputError(f"checkpoint {path} not found; it is produced by: {produced_by}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).strip()[:200]}); the file may be "
+            f"truncated or of another kind; expected the file written by: {produced_by}"
+        ) from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(
+            f"{path}: expected a checkpoint dict written by: {produced_by}; got a {type(ckpt).__name__}"
+        )
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path}: lacks {missing} (it holds {sorted(ckpt)}); expected the checkpoint written by: {produced_by}"
+        )
+    return ckpt
+
+
+def _build(path: str, produced_by: str, build: type[nn.Module], ckpt: dict, weights: str) -> nn.Module:
+    """``build(**ckpt['architecture'])`` with ``ckpt[weights]`` loaded; errors name the file and its stage."""
+    try:
+        model = build(**ckpt["architecture"])
+        model.load_state_dict(ckpt[weights])
+    except (TypeError, KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: its '{weights}' weights and 'architecture' do not make a {build.__name__} "
+            f"({type(e).__name__}: {str(e).strip()[:200]}); expected the checkpoint written by: {produced_by}"
+        ) from e
+    return model
 
 
 def load_autoencoder(path: str, device: str | torch.device = "cpu") -> SliceAutoencoder:
@@ -221,19 +266,25 @@ def load_autoencoder(path: str, device: str | torch.device = "cpu") -> SliceAuto
         the autoencoder in eval mode with ``requires_grad=False``; its ``privacy_ledger``
         lists the DP stages behind its weights (empty if it saw only public data).
     """
-    ckpt = load_checkpoint(
-        path, "python -m monai.bundle run training --config_file configs/train_autoencoder.yaml", device
-    )
-    model = SliceAutoencoder(**ckpt["architecture"])
-    model.load_state_dict(ckpt["network"])
+    ckpt = load_checkpoint(path, AUTOENCODER_STAGE, device, required=("architecture", "network"))
+    if "latent_shape" in ckpt:
+        raise CheckpointError(
+            f"{path}: this is a diffusion-model checkpoint, not an autoencoder; expected the file written by: "
+            f"{AUTOENCODER_STAGE}"
+        )
+    model = _build(path, AUTOENCODER_STAGE, SliceAutoencoder, ckpt, "network")
     # DP stages that produced these weights from private data (empty for public pre-training)
     model.privacy_ledger = list(ckpt.get("privacy_ledger", []))
     if not bool(model.scale_factor_measured):
-        raise ValueError(f"{path}: the latent scale factor was never measured (the autoencoder stage did not complete)")
+        raise CheckpointError(
+            f"{path}: the latent scale factor was never measured (the autoencoder stage did not complete)"
+        )
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_diffusion(path: str, device: str | torch.device = "cpu", weights: str = "ema") -> tuple[ConditionalDiffusionUNet, dict]:
+def load_diffusion(
+    path: str, device: str | torch.device = "cpu", weights: str = "ema"
+) -> tuple[ConditionalDiffusionUNet, dict]:
     """Rebuild the conditioned diffusion UNet from a checkpoint of the diffusion stage.
 
     Args:
@@ -245,11 +296,10 @@ def load_diffusion(path: str, device: str | torch.device = "cpu", weights: str =
         (network, checkpoint dict) — the dict holds ``latent_shape``, ``scale_factor``,
         ``scheduler`` and the other model information stored beside the weights.
     """
-    ckpt = load_checkpoint(path, "python -m monai.bundle run training --config_file configs/train_diffusion.yaml", device)
-    if weights not in ("ema", "network"):
-        raise ValueError(f"weights must be 'ema' or 'network', got {weights!r}")
-    model = ConditionalDiffusionUNet(**ckpt["architecture"])
-    model.load_state_dict(ckpt[weights])
+    weights = look_up_option(weights, WEIGHTS)
+    required = ("architecture", weights, "latent_shape", "spatial_size", "scale_factor", "scheduler")
+    ckpt = load_checkpoint(path, DIFFUSION_STAGE, device, required=required)
+    model = _build(path, DIFFUSION_STAGE, ConditionalDiffusionUNet, ckpt, weights)
     return model.to(device), ckpt
 
 
@@ -257,7 +307,8 @@ def check_same_autoencoder(diffusion_info: dict, autoencoder: SliceAutoencoder, 
     """Raise ``ValueError`` if the autoencoder's scale factor is not the one the diffusion model was trained with."""
     expected, actual = float(diffusion_info["scale_factor"]), float(autoencoder.scale_factor)
     if abs(expected - actual) > 1e-6 * max(1.0, abs(expected)):
-        raise ValueError(
-            f"{autoencoder_path}: latent scale factor {actual:.6g} differs from the {expected:.6g} the diffusion model was "
+        raise CheckpointError(
+            f"{autoencoder_path}: latent scale factor {actual:.6g} differs from the {expected:.6g} "
+            "the diffusion model was "
             f"trained with (autoencoder {diffusion_info.get('autoencoder')}); use that autoencoder"
         )

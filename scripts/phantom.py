@@ -46,30 +46,32 @@ Command line::
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from scripts.attributes import ATTRIBUTE_NAMES
-from scripts.files import write_bytes_atomic
+from scripts.errors import ConfigError
+from scripts.files import nifti_gz_bytes, remove_stale_temp, temp_name, write_bytes_atomic
 
 __all__ = [
     "DOMAINS",
     "LABELS",
     "PHASES",
+    "CohortSpec",
     "SubjectParams",
     "generate_cohort",
+    "generate_cohorts",
     "measure_attributes",
     "phase_pair_attributes",
     "sample_subject",
@@ -86,7 +88,6 @@ SPLITS: tuple[str, ...] = ("training", "validation", "test")
 
 _OVERSAMPLE = 2  # in-plane super-sampling factor used for partial-volume rendering
 _EDGE_MM = 0.45  # half-width of the soft edge of every rendered structure, in mm
-_GZIP_LEVEL = 6
 _INT_ATTRIBUTES = frozenset({"SEX", "ESED", "DEPTH"})
 
 # pathology groups and their sampling probabilities per domain
@@ -220,7 +221,7 @@ def phase_pair_attributes(ed: Mapping[str, float], es: Mapping[str, float]) -> d
 
 def _check_domain(domain: str) -> int:
     if domain not in DOMAINS:
-        raise ValueError(f"domain must be one of {', '.join(map(repr, DOMAINS))}; got {domain!r}")
+        raise ConfigError(f"domain must be one of {', '.join(map(repr, DOMAINS))}; got {domain!r}")
     return DOMAINS.index(domain)
 
 
@@ -644,8 +645,8 @@ def _heart_box(p: SubjectParams, prof: Mapping[str, np.ndarray], cx: np.ndarray,
     x_lo, x_hi = x[keep].min() / sx + nx / 2.0, x[keep].max() / sx + nx / 2.0
     y_lo, y_hi = y[keep].min() / sy + ny / 2.0, y[keep].max() / sy + ny / 2.0
     return (
-        slice(max(int(math.floor(x_lo)) - 1, 0), min(int(math.ceil(x_hi)) + 1, nx)),
-        slice(max(int(math.floor(y_lo)) - 1, 0), min(int(math.ceil(y_hi)) + 1, ny)),
+        slice(max(math.floor(x_lo) - 1, 0), min(math.ceil(x_hi) + 1, nx)),
+        slice(max(math.floor(y_lo) - 1, 0), min(math.ceil(y_hi) + 1, ny)),
     )
 
 
@@ -839,20 +840,6 @@ def synthesize_subject(
 # files
 
 
-def _nifti_gz_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
-    """NIfTI-1 bytes, gzip-compressed with mtime 0 and no file name (byte-reproducible)."""
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_data_dtype(array.dtype)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    raw = img.to_bytes()
-    buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=_GZIP_LEVEL, mtime=0) as gz:
-        gz.write(raw)
-    return buf.getvalue()
-
-
 def _volume_paths(subject: str, phase: str) -> tuple[str, str]:
     name = f"{subject}_{phase}.nii.gz"
     return f"images/{name}", f"labels/{name}"
@@ -865,8 +852,8 @@ def _write_subject(job: tuple[str, int, str, int, tuple[int, int]]) -> tuple[str
     p = result["params"]
     for phase in PHASES:
         image_rel, label_rel = _volume_paths(p.subject, phase)
-        write_bytes_atomic(Path(out_dir, image_rel), _nifti_gz_bytes(result["images"][phase], result["affine"]))
-        write_bytes_atomic(Path(out_dir, label_rel), _nifti_gz_bytes(result["labels"][phase], result["affine"]))
+        write_bytes_atomic(Path(out_dir, image_rel), nifti_gz_bytes(result["images"][phase], result["affine"]))
+        write_bytes_atomic(Path(out_dir, label_rel), nifti_gz_bytes(result["labels"][phase], result["affine"]))
     return p.subject, p.group, result["attributes"]
 
 
@@ -874,7 +861,7 @@ def _format_value(name: str, value: float) -> str:
     if value is None or not math.isfinite(value):
         return ""
     if name in _INT_ATTRIBUTES:
-        return str(int(round(value)))
+        return str(round(value))
     return repr(round(float(value), 4))
 
 
@@ -905,8 +892,8 @@ def split_subjects(
     fractions = _check_fractions(fractions)
     n = len(subjects)
     order = np.random.default_rng([int(seed), n, 7919]).permutation(n)
-    n_val = int(round(fractions[1] * n))
-    n_test = int(round(fractions[2] * n))
+    n_val = round(fractions[1] * n)
+    n_test = round(fractions[2] * n)
     if n >= 3:
         n_val = max(n_val, int(fractions[1] > 0))
         n_test = max(n_test, int(fractions[2] > 0))
@@ -930,7 +917,7 @@ def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     except (TypeError, ValueError):
         values = ()
     if len(values) != 3 or any(not math.isfinite(x) or x < 0 for x in values) or values[0] <= 0:
-        raise ValueError(
+        raise ConfigError(
             "split_fractions must be three non-negative numbers (training, validation, test) "
             f"with a positive training fraction, e.g. (0.7, 0.15, 0.15); got {fractions!r}"
         )
@@ -945,7 +932,7 @@ def _check_image_size(image_size: Sequence[int]) -> tuple[int, int]:
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(f"image_size must be two integers >= 32 (X, Y), e.g. (112, 112); got {image_size!r}")
+        raise ConfigError(f"image_size must be two integers >= 32 (X, Y), e.g. (112, 112); got {image_size!r}")
     return size  # type: ignore[return-value]
 
 
@@ -957,6 +944,204 @@ def _progress(iterable: Iterator[Any], total: int, enabled: bool) -> Iterator[An
     except ImportError:  # pragma: no cover - tqdm is a dependency, but optional here
         return iterable
     return tqdm(iterable, total=total, desc="phantom subjects", unit="subject")
+
+
+def _is_count(value: Any, minimum: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= minimum
+
+
+@dataclass
+class CohortSpec:
+    """The arguments of one cohort, checked when the spec is made (nothing is written).
+
+    ``configs/phantom.yaml`` makes one spec per cohort and hands them all to
+    :func:`generate_cohorts`, so a bad argument of the second cohort (``--private_subjects abc``)
+    stops the run before the first cohort is generated or replaced.
+
+    Args:
+        out_dir: output directory. It must be empty or absent unless ``overwrite``.
+        subjects: number of subjects (>= 1); each gets an ED and an ES volume.
+        domain: ``"public"`` (ACDC-like) or ``"private"`` (UK-Biobank-like).
+        seed: non-negative seed; the same seed gives byte-identical files.
+        image_size: in-plane size (X, Y) of the volumes.
+        split_fractions: (training, validation, test) fractions of subjects.
+        overwrite: replace a cohort already in ``out_dir``.
+        num_workers: worker processes for rendering (1 = in this process).
+        progress: show a tqdm progress bar.
+    """
+
+    out_dir: str | os.PathLike
+    subjects: int = 20
+    domain: str = "public"
+    seed: int = 0
+    image_size: Sequence[int] = (112, 112)
+    split_fractions: Sequence[float] = (0.7, 0.15, 0.15)
+    overwrite: bool = False
+    num_workers: int = 1
+    progress: bool = True
+    domain_index: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.domain_index = _check_domain(self.domain)
+        what = f"{self.domain} cohort ({self.out_dir})"
+        if not _is_count(self.subjects, 1):
+            raise ConfigError(f"{what}: subjects must be an integer >= 1 (number of subjects); got {self.subjects!r}")
+        if not _is_count(self.seed, 0):
+            raise ConfigError(f"{what}: seed must be a non-negative integer; got {self.seed!r}")
+        if not _is_count(self.num_workers, 1):
+            raise ConfigError(f"{what}: num_workers must be an integer >= 1; got {self.num_workers!r}")
+        if not isinstance(self.overwrite, bool):
+            raise ConfigError(f"{what}: overwrite must be True or False; got {self.overwrite!r}")
+        self.image_size = _check_image_size(self.image_size)
+        self.split_fractions = _check_fractions(self.split_fractions)
+        self.subjects, self.seed, self.num_workers = int(self.subjects), int(self.seed), int(self.num_workers)
+        out = Path(self.out_dir)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"out_dir must be a directory path; {str(out)!r} is a file")
+        if out.is_dir() and any(out.iterdir()) and not self.overwrite:
+            raise ConfigError(
+                f"out_dir {str(out)!r} exists and is not empty; choose a new or empty directory "
+                "or pass overwrite=True (CLI: --overwrite)"
+            )
+
+
+def _render(spec: CohortSpec, staging: Path) -> tuple[dict[str, Any], list]:
+    """Write the whole cohort of ``spec`` into ``staging``; returns (summary with final paths, results)."""
+    out = Path(spec.out_dir)
+    (staging / "images").mkdir(parents=True)
+    (staging / "labels").mkdir()
+    subjects, seed, domain = spec.subjects, spec.seed, spec.domain
+    jobs = [(str(staging), seed, domain, i, spec.image_size) for i in range(subjects)]
+    if spec.num_workers > 1 and subjects > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(spec.num_workers, subjects)) as pool:
+            results = list(_progress(pool.map(_write_subject, jobs, chunksize=4), subjects, spec.progress))
+    else:
+        results = list(_progress(map(_write_subject, jobs), subjects, spec.progress))
+
+    ids = [sid for sid, _, _ in results]
+    splits = split_subjects(ids, spec.split_fractions, seed=seed * len(DOMAINS) + spec.domain_index)
+    split_of = {sid: name for name in SPLITS for sid in splits[name]}
+    rows, entries = [], {name: [] for name in SPLITS}
+    for sid, _, attrs in results:
+        for phase in PHASES:
+            image_rel, label_rel = _volume_paths(sid, phase)
+            vid = f"{sid}_{phase}"
+            values = [_format_value(n, attrs[phase][n]) for n in ATTRIBUTE_NAMES]
+            rows.append([vid, sid, phase, image_rel, label_rel, *values])
+            entries[split_of[sid]].append({"id": vid, "subject": sid, "image": image_rel, "label": label_rel})
+    subject_rows = [[sid, domain, group, split_of[sid]] for sid, group, _ in results]
+    write_bytes_atomic(staging / "subjects.csv", _csv_bytes(SUBJECT_COLUMNS, subject_rows))
+    write_bytes_atomic(staging / "attributes.csv", _csv_bytes(CSV_COLUMNS, rows))
+    datalist = {
+        "description": f"synthetic bSSFP short-axis phantom cohort ({domain} domain, scripts/phantom.py)",
+        "domain": domain,
+        "seed": seed,
+        "attributes_csv": "attributes.csv",
+        **entries,
+    }
+    write_bytes_atomic(staging / "datalist.json", (json.dumps(datalist, indent=2) + "\n").encode())
+
+    summary_attrs = {}
+    for j, name in enumerate(ATTRIBUTE_NAMES):
+        values = np.array([float(r[5 + j]) if r[5 + j] else np.nan for r in rows])
+        finite = values[np.isfinite(values)]
+        summary_attrs[name] = {
+            "min": float(finite.min()) if finite.size else None,
+            "max": float(finite.max()) if finite.size else None,
+            "missing": int(values.size - finite.size),
+        }
+    groups: dict[str, int] = {}
+    for _, group, _ in results:
+        groups[group] = groups.get(group, 0) + 1
+    summary = {
+        "out_dir": str(out),
+        "domain": domain,
+        "seed": seed,
+        "subjects": subjects,
+        "volumes": len(rows),
+        "groups": dict(sorted(groups.items())),
+        "splits": {name: len(splits[name]) for name in SPLITS},
+        "datalist": str(out / "datalist.json"),
+        "attributes_csv": str(out / "attributes.csv"),
+        "subjects_csv": str(out / "subjects.csv"),
+        "attributes": summary_attrs,
+    }
+    return summary, results
+
+
+_INDEX_FILES = ("datalist.json", "attributes.csv", "subjects.csv")
+_VOLUME_GLOB = "sub-*_E[DS].nii.gz"
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Move the cohort generated in ``staging`` to ``out``, replacing an earlier cohort there.
+
+    An absent or empty ``out`` is replaced by one rename. Otherwise the earlier cohort's index
+    files go first (so no datalist ever points at missing volumes), then ``images/`` and
+    ``labels/`` are swapped by renames, then the new index files, datalist last. Files that are
+    not the phantom's (other names in ``out``, ``images/`` or ``labels/``) are kept.
+    """
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+        return
+    for name in _INDEX_FILES:
+        (out / name).unlink(missing_ok=True)
+    for sub in ("images", "labels"):
+        old = out / sub
+        if old.is_dir():
+            parked = Path(temp_name(old))
+            os.replace(old, parked)
+            os.replace(staging / sub, old)
+            for path in parked.iterdir():  # keep what is not a phantom volume
+                if not path.match(_VOLUME_GLOB):
+                    os.replace(path, old / path.name)
+            shutil.rmtree(parked)
+        else:
+            if old.exists():
+                old.unlink()
+            os.replace(staging / sub, old)
+    for name in _INDEX_FILES[::-1]:  # datalist last
+        os.replace(staging / name, out / name)
+    shutil.rmtree(staging)
+
+
+def generate_cohorts(specs: Sequence[CohortSpec]) -> list[dict[str, Any]]:
+    """Generate several cohorts; nothing is replaced unless all of them are generated.
+
+    Every cohort is rendered into a hidden folder beside its ``out_dir``
+    (``.<name>.<random>.part``); only when all are complete are they moved into place. A run
+    that fails (bad argument, error, kill) therefore leaves every earlier cohort as it was. The
+    staging folders of a killed run are removed by the next run.
+
+    Args:
+        specs: one checked :class:`CohortSpec` per cohort (distinct ``out_dir``).
+
+    Returns:
+        one summary per cohort (see :func:`generate_cohort`).
+    """
+    outs = [Path(spec.out_dir).resolve() for spec in specs]
+    if len(set(outs)) != len(outs):
+        raise ConfigError(f"cohorts must have distinct out_dir folders; got {[str(s.out_dir) for s in specs]}")
+    staging_dirs: list[Path] = []
+    summaries = []
+    try:
+        for spec in specs:
+            out = Path(spec.out_dir)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp(out.parent, [out.name])  # staging folders of a killed run
+            staging_dirs.append(Path(temp_name(out)))
+            summaries.append(_render(spec, staging_dirs[-1])[0])
+    except BaseException:
+        for staging in staging_dirs:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for spec, staging in zip(specs, staging_dirs):
+        _swap_in(staging, Path(spec.out_dir))
+    return summaries
 
 
 def generate_cohort(
@@ -972,9 +1157,9 @@ def generate_cohort(
 ) -> dict[str, Any]:
     """Generate a synthetic cohort: NIfTI volumes, label maps, attributes.csv and datalist.json.
 
-    The datalist and the CSV files are written last (each via a temporary file and
-    ``os.replace``), so an interrupted run never leaves a datalist that points at missing
-    volumes.
+    All arguments are checked first; the cohort is then generated in a hidden folder beside
+    ``out_dir`` and moved into place only when complete (:func:`generate_cohorts`), so a run
+    that fails never replaces an earlier cohort.
 
     Args:
         out_dir: output directory; created if needed. It must be empty unless ``overwrite``.
@@ -984,7 +1169,8 @@ def generate_cohort(
         image_size: in-plane size (X, Y) of the volumes.
         split_fractions: (training, validation, test) fractions of subjects.
         overwrite: allow a non-empty ``out_dir``; files of a previous phantom cohort there
-            (``images/sub-*``, ``labels/sub-*``, the CSV files, the datalist) are replaced.
+            (``images/sub-*``, ``labels/sub-*``, the CSV files, the datalist) are replaced,
+            other files are kept.
         num_workers: worker processes for rendering (1 = in this process).
         progress: show a tqdm progress bar.
 
@@ -993,93 +1179,8 @@ def generate_cohort(
         datalist / attributes_csv / subjects_csv paths and per-attribute min / max /
         missing counts.
     """
-    domain_index = _check_domain(domain)
-    if isinstance(subjects, bool) or not isinstance(subjects, (int, np.integer)) or subjects < 1:
-        raise ValueError(f"subjects must be an integer >= 1 (number of subjects); got {subjects!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 1:
-        raise ValueError(f"num_workers must be an integer >= 1; got {num_workers!r}")
-    size = _check_image_size(image_size)
-    fractions = _check_fractions(split_fractions)
-    subjects, seed = int(subjects), int(seed)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir must be a directory path; {str(out)!r} is a file")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(
-            f"out_dir {str(out)!r} exists and is not empty; choose a new or empty directory "
-            "or pass overwrite=True (CLI: --overwrite)"
-        )
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "labels").mkdir(parents=True, exist_ok=True)
-    for name in ("datalist.json", "attributes.csv", "subjects.csv"):  # index files go first
-        (out / name).unlink(missing_ok=True)
-
-    jobs = [(str(out), seed, domain, i, size) for i in range(subjects)]
-    if num_workers > 1 and subjects > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=min(num_workers, subjects)) as pool:
-            results = list(_progress(pool.map(_write_subject, jobs, chunksize=4), subjects, progress))
-    else:
-        results = list(_progress(map(_write_subject, jobs), subjects, progress))
-
-    # remove volumes of an earlier, larger cohort in the same directory
-    keep = {f"{sid}_{phase}.nii.gz" for sid, _, _ in results for phase in PHASES}
-    for sub in ("images", "labels"):
-        for path in (out / sub).glob("sub-*_E[DS].nii.gz"):
-            if path.name not in keep:
-                path.unlink()
-
-    ids = [sid for sid, _, _ in results]
-    splits = split_subjects(ids, fractions, seed=seed * len(DOMAINS) + domain_index)
-    split_of = {sid: name for name in SPLITS for sid in splits[name]}
-    rows, entries = [], {name: [] for name in SPLITS}
-    for sid, _, attrs in results:
-        for phase in PHASES:
-            image_rel, label_rel = _volume_paths(sid, phase)
-            vid = f"{sid}_{phase}"
-            values = [_format_value(n, attrs[phase][n]) for n in ATTRIBUTE_NAMES]
-            rows.append([vid, sid, phase, image_rel, label_rel, *values])
-            entries[split_of[sid]].append({"id": vid, "subject": sid, "image": image_rel, "label": label_rel})
-    subject_rows = [[sid, domain, group, split_of[sid]] for sid, group, _ in results]
-    write_bytes_atomic(out / "subjects.csv", _csv_bytes(SUBJECT_COLUMNS, subject_rows))
-    write_bytes_atomic(out / "attributes.csv", _csv_bytes(CSV_COLUMNS, rows))
-    datalist = {
-        "description": f"synthetic bSSFP short-axis phantom cohort ({domain} domain, scripts/phantom.py)",
-        "domain": domain,
-        "seed": seed,
-        "attributes_csv": "attributes.csv",
-        **entries,
-    }
-    write_bytes_atomic(out / "datalist.json", (json.dumps(datalist, indent=2) + "\n").encode())
-
-    summary_attrs = {}
-    for j, name in enumerate(ATTRIBUTE_NAMES):
-        values = np.array([float(r[5 + j]) if r[5 + j] else np.nan for r in rows])
-        finite = values[np.isfinite(values)]
-        summary_attrs[name] = {
-            "min": float(finite.min()) if finite.size else None,
-            "max": float(finite.max()) if finite.size else None,
-            "missing": int(values.size - finite.size),
-        }
-    groups: dict[str, int] = {}
-    for _, group, _ in results:
-        groups[group] = groups.get(group, 0) + 1
-    return {
-        "out_dir": str(out),
-        "domain": domain,
-        "seed": seed,
-        "subjects": subjects,
-        "volumes": len(rows),
-        "groups": dict(sorted(groups.items())),
-        "splits": {name: len(splits[name]) for name in SPLITS},
-        "datalist": str(out / "datalist.json"),
-        "attributes_csv": str(out / "attributes.csv"),
-        "subjects_csv": str(out / "subjects.csv"),
-        "attributes": summary_attrs,
-    }
+    spec = CohortSpec(out_dir, subjects, domain, seed, image_size, split_fractions, overwrite, num_workers, progress)
+    return generate_cohorts([spec])[0]
 
 
 def main(

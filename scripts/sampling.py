@@ -12,12 +12,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Self
 
 import numpy as np
 import torch
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 from torch import nn
+
+from scripts.errors import ConfigError
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -72,7 +75,7 @@ def build_scheduler(sampler: str, schedule: Mapping, num_inference_steps: int | 
     total = int(kwargs["num_train_timesteps"])
     if sampler == "ddpm":
         if num_inference_steps not in (None, total):
-            raise ValueError(
+            raise ConfigError(
                 f"config field 'num_inference_steps': DDPM runs every training timestep ({total}), got "
                 f"{num_inference_steps}; use --sampler ddim for fewer steps (or leave num_inference_steps unset)"
             )
@@ -82,13 +85,13 @@ def build_scheduler(sampler: str, schedule: Mapping, num_inference_steps: int | 
     if sampler == "ddim":
         steps = total if num_inference_steps is None else num_inference_steps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= total:
-            raise ValueError(
+            raise ConfigError(
                 f"config field 'num_inference_steps': expected an integer in [1, {total}] for DDIM, got {steps!r}"
             )
         scheduler = DDIMScheduler(**kwargs)
         scheduler.set_timesteps(int(steps))
         return scheduler
-    raise ValueError(f"config field 'sampler': expected one of {list(SAMPLERS)}, got {sampler!r}")
+    raise ConfigError(f"config field 'sampler': expected one of {list(SAMPLERS)}, got {sampler!r}")
 
 
 def _step_seed(seed: int) -> int:
@@ -116,7 +119,7 @@ class EvaluationCounter:
         """Detach the hook."""
         self._handle.remove()
 
-    def __enter__(self) -> EvaluationCounter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

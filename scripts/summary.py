@@ -63,8 +63,10 @@ def demo(report: str = "models/privacy_report.json", synthetic: str = "outputs/d
     volumes = sorted(glob.glob(os.path.join(synthetic, "*.nii.gz")))
     lines = [
         "Demo complete",
-        f"  privacy: epsilon = {r['epsilon']:.3f}, delta = {r['delta']:g}, {r['privacy_unit']}-level "
-        f"({r['accountant']} accountant; report {report})",
+        (
+            f"  privacy: epsilon = {r['epsilon']:.3f}, delta = {r['delta']:g}, {r['privacy_unit']}-level "
+            f"({r['accountant']} accountant; report {report})"
+        ),
         f"  synthetic volumes: {len(volumes)} NIfTI files + JSON sidecars in {synthetic}/ (manifest.csv)",
         f"  montage: {os.path.join(synthetic, 'preview.png')}",
         f"  attribute sweep: {', '.join(sorted(glob.glob(os.path.join(sweep, '*.png'))))}",

@@ -1,4 +1,4 @@
-"""PNG montages of short-axis slices (reconstructions, samples)."""
+"""The bundle's pictures: PNG montages of short-axis slices (reconstructions, samples) and sweep grids."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from scripts.attributes import ATTRIBUTE_UNITS, BINARY_ATTRIBUTES
 from scripts.engines import make_condition
 from scripts.files import atomic_path
 
@@ -44,7 +45,51 @@ def save_montage(images: Sequence[tuple[str, np.ndarray]], path: str, slices: in
                 ax.set_title(f"slice {z}", fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80)
+        fig.savefig(tmp, dpi=80, format="png")  # the temp name ends in .part
+    plt.close(fig)
+    return path
+
+
+def save_sweep_grid(
+    volumes: np.ndarray, values: Sequence[float], row_labels: Sequence[str], attribute: str, path: str, title: str = ""
+) -> str:
+    """Save a grid of mid-ventricular slices: one row per phase, one column per value.
+
+    Args:
+        volumes: (rows, columns, D, H, W) volumes.
+        values: the swept values (columns).
+        row_labels: one label per row.
+        attribute: swept attribute (for the column titles).
+        path: PNG path (written atomically).
+        title: figure title.
+
+    Returns:
+        the PNG path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = volumes.shape[:2]
+    mid = volumes.shape[2] // 2
+    unit = ATTRIBUTE_UNITS[attribute].split(",")[0] if attribute not in BINARY_ATTRIBUTES else ""
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.1 * rows + 0.4), squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.imshow(volumes[r, c, mid], cmap="gray", vmin=0.0, vmax=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"{attribute} = {values[c]:g} {unit}".strip(), fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"{row_labels[r]}\nslice {mid}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")  # the temp name ends in .part
     plt.close(fig)
     return path
 

@@ -198,7 +198,8 @@ def test_empty_datalist(tmp_path):
 def test_missing_image_path(tmp_path, cohorts):
     path = tmp_path / "dl.json"
     path.write_text(json.dumps({"training": [{"image": "nowhere/x.nii.gz", "attributes": {"LVEDV": 100}}]}))
-    with pytest.raises(DataError, match=r"dl\.json, training\[0\]: field 'image': file .*nowhere/x\.nii\.gz does not exist"):
+    expected = r"dl\.json, training\[0\]: field 'image': file .*nowhere/x\.nii\.gz does not exist"
+    with pytest.raises(DataError, match=expected):
         load_datalist(str(path), "training")
 
 
@@ -222,3 +223,119 @@ def test_bundle_run_exits_nonzero_naming_file(tmp_path, cohorts, bundle):
     )
     assert proc.returncode != 0
     assert "attributes.csv, line 2: attribute 'AGE' must be a number" in proc.stderr + proc.stdout
+
+
+def test_truncated_nifti_names_the_file(tmp_path, cohorts, attribute_ranges):
+    """A truncated .nii.gz failed with a bare EOFError; now the error names the file and the expected form."""
+    cohort = _copy_cohort(cohorts["private"], tmp_path / "c")
+    image = _first_training_image(cohort)
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    with pytest.raises(Exception) as err:
+        _load_all(cohort, attribute_ranges)
+    chain = _error_chain(err.value)
+    assert f"{image}: field 'image': cannot read the volume (EOFError" in chain
+    assert "expected a complete NIfTI-1 file" in chain
+
+
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        ("SEX", "7", "column 'SEX': expected 0 or 1"),
+        ("LVEDV", "-5000", "column 'LVEDV': -5000 is not a possible value; expected a number in [0, inf] (ml)"),
+        ("LVEF", "120", "column 'LVEF': 120 is not a possible value; expected a number in [0, 100] (%)"),
+    ],
+)
+def test_training_refuses_what_synthesis_refuses(tmp_path, cohorts, attribute_ranges, column, value, message):
+    """One check (scripts.data.check_attribute) for the training data and the synthesis requests."""
+    import scripts.inference
+    from scripts.data import check_attribute
+
+    cohort = _copy_cohort(cohorts["private"], tmp_path / "c")
+    path = _set_first_row(cohort, column, value)
+    with pytest.raises(DataError) as err:
+        get_dataset(str(cohort / "datalist.json"), "training", (16, 96, 96), attribute_ranges)
+    assert f"{path}, line 2, {message}" in str(err.value)
+    request = tmp_path / "req.csv"
+    request.write_text(f"{column}\n{value}\n")
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        scripts.inference.read_requests(str(request), attribute_ranges)
+    assert scripts.inference.check_attribute is check_attribute
+    inline = tmp_path / "inline.json"
+    image = str(_first_training_image(cohort))
+    inline.write_text(json.dumps({"training": [{"image": image, "attributes": {column: float(value)}}]}))
+    with pytest.raises(DataError, match=r"inline\.json, training\[0\]: field 'attributes', " + message[:14]):
+        load_datalist(str(inline), "training", ranges=attribute_ranges)
+
+
+def test_possible_values_outside_the_reference_range_are_kept_for_training(tmp_path, cohorts, attribute_ranges):
+    """A real record beyond the reference range (a very thick HCM wall) is kept and maps beyond +1 in training;
+    a synthesis request for it is refused unless --clip_out_of_range True (docs/README.md, sections 1 and 4)."""
+    import scripts.inference
+
+    cohort = _copy_cohort(cohorts["private"], tmp_path / "c")
+    path = _set_first_row(cohort, "MYOESTHICK", "33.5")
+    table = read_attributes_csv(str(path), attribute_ranges)
+    assert next(iter(table.values()))[ATTRIBUTE_NAMES.index("MYOESTHICK")] == pytest.approx(33.5)
+    request = tmp_path / "req.csv"
+    request.write_text("MYOESTHICK\n33.5\n")
+    with pytest.raises(DataError, match=r"outside the reference range \[3, 30\] \(mm\).*--clip_out_of_range True"):
+        scripts.inference.read_requests(str(request), attribute_ranges)
+
+
+@pytest.mark.parametrize("text", ["", "nan", "NaN", "NA", "n/a"])
+def test_missing_value_spellings(tmp_path, cohorts, attribute_ranges, text):
+    """A blank cell is missing; the texts nan / NA / N/A (any case) are read as missing too (docs/README.md)."""
+    cohort = _copy_cohort(cohorts["private"], tmp_path / "c")
+    _set_first_row(cohort, "AGE", text)
+    table = read_attributes_csv(str(cohort / "attributes.csv"), attribute_ranges)
+    first = next(iter(table.values()))
+    assert np.isnan(first[ATTRIBUTE_NAMES.index("AGE")])
+
+
+BAD_LOAD = """
+import sys, yaml
+from scripts.data import get_dataset
+ranges = yaml.safe_load(open("configs/common.yaml"))["attribute_ranges"]
+get_dataset(sys.argv[1], "training", (8, 48, 48), ranges)
+"""
+
+
+def test_bad_volume_exits_cleanly_not_sigabrt(tmp_path, cohorts):
+    """NaN voxels / a 4D file: the error, then a clean exit 1 (it aborted with SIGABRT, exit -6, in 5 of 6 runs).
+
+    Three real processes (two NaN, one 4D) run at once: with the old threaded cache fill all three
+    exiting cleanly had a chance of about 1 in 200.
+    """
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    nan_cohort = _copy_cohort(cohorts["private"], tmp_path / "nan")
+    nan_image = _first_training_image(nan_cohort)
+    img = nib.load(nan_image)
+    data = np.asarray(img.dataobj).copy()
+    data[5, 5, 1] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), nan_image)
+    cohort_4d = _copy_cohort(cohorts["private"], tmp_path / "4d")
+    image_4d = _first_training_image(cohort_4d)
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 2), np.float32), img.affine), image_4d)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = [
+        (nan_cohort, f"{nan_image}: field 'image': volume contains NaN or inf voxels"),
+        (nan_cohort, f"{nan_image}: field 'image': volume contains NaN or inf voxels"),
+        (cohort_4d, f"{image_4d}: field 'image': expected a 3D volume"),
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BAD_LOAD, str(cohort / "datalist.json")], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for cohort, _ in runs
+    ]
+    for proc, (_, message) in zip(procs, runs):
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 1, (proc.returncode, stderr[-500:])
+        assert "terminate called" not in stderr
+        assert message in stderr.splitlines()[-1]

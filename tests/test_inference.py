@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -53,7 +54,7 @@ def _write_csv(path, text: str) -> str:
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
     """A bundle root with models/{autoencoder,model}.pt (tiny, random) and a matching privacy report."""
-    from scripts.dp import sha256
+    from scripts.files import sha256
 
     root = tmp_path_factory.mktemp("synthesis")
     models = root / "models"
@@ -88,7 +89,7 @@ def tiny_bundle(tmp_path_factory):
     report = {
         "epsilon": 7.9, "delta": 1e-5, "privacy_unit": "subject", "accountant": "prv", "status": "complete",
         "stages": [], "model": str(models / "model.pt"), "model_sha256": sha256(str(models / "model.pt")),
-        "covers": "subject-level DP of the private training data",
+        "autoencoder_sha256": sha256(str(models / "autoencoder.pt")), "covers": "subject-level DP of the private training data",
     }
     (models / "privacy_report.json").write_text(json.dumps(report))
     return root
@@ -162,12 +163,15 @@ def test_missing_csv_and_clip_policy(tmp_path, attribute_ranges, caplog):
         read_requests(None, attribute_ranges)
     with pytest.raises(DataError, match="nope.csv: attribute CSV not found"):
         read_requests(str(tmp_path / "nope.csv"), attribute_ranges)
-    path = _write_csv(tmp_path / "req.csv", "LVEDV,AGE\n500,-1\n150,50\n")
+    path = _write_csv(tmp_path / "req.csv", "LVEDV,AGE\n500,120\n150,50\n")
     with caplog.at_level("WARNING"):
         requests = read_requests(path, attribute_ranges, clip_out_of_range=True)
-    assert requests[0].values[0] == 400.0 and requests[0].values[ATTRIBUTE_NAMES.index("AGE")] == 0.0
-    assert requests[0].clipped == {"LVEDV": 500.0, "AGE": -1.0} and requests[1].clipped == {}
+    assert requests[0].values[0] == 400.0 and requests[0].values[ATTRIBUTE_NAMES.index("AGE")] == 100.0
+    assert requests[0].clipped == {"LVEDV": 500.0, "AGE": 120.0} and requests[1].clipped == {}
     assert "row 0 (line 2), column 'LVEDV': 500 is outside [40, 400] (ml); clipped to 400" in caplog.text
+    impossible = _write_csv(tmp_path / "impossible.csv", "AGE\n-1\n")  # clipping never hides an impossible value
+    with pytest.raises(DataError, match=r"column 'AGE': -1 is not a possible value; expected a number in \[0, 150\]"):
+        read_requests(impossible, attribute_ranges, clip_out_of_range=True)
 
 
 def test_sweep_values(attribute_ranges):
@@ -275,7 +279,7 @@ def test_run_writes_nifti_sidecars_manifest_preview(tiny_bundle, loaded, attribu
     assert (privacy["epsilon"], privacy["delta"], privacy["privacy_unit"]) == (7.9, 1e-5, "subject")
     assert "privacy_warning" not in side and side["spacing_mm"] == [1.5, 1.6, 8.0]
     assert (out / "preview.png").stat().st_size > 0
-    assert not [n for n in os.listdir(out) if n.startswith(".tmp_")]  # atomic writes leave no temp files
+    assert not [n for n in os.listdir(out) if n.startswith(".")]  # atomic writes leave no temp files
     # a second run with the same request and batch size writes the same image bytes
     run_inference(requests, synth, str(tmp_path / "again"), info, spacing=(1.5, 1.6, 8.0), batch_size=2, seed=3, progress=False)
     for name in ("row0000_sample000.nii.gz", "row0001_sample000.nii.gz"):
@@ -283,7 +287,7 @@ def test_run_writes_nifti_sidecars_manifest_preview(tiny_bundle, loaded, attribu
 
 
 def test_privacy_missing_or_mismatched_report(tiny_bundle, tmp_path):
-    from scripts.dp import sha256
+    from scripts.files import sha256
 
     model = str(tiny_bundle / "models" / "model.pt")
     report = str(tiny_bundle / "models" / "privacy_report.json")
@@ -293,6 +297,11 @@ def test_privacy_missing_or_mismatched_report(tiny_bundle, tmp_path):
     assert "no differential-privacy guarantee is known" in other["privacy_warning"]
     missing = privacy_info(str(tmp_path / "privacy_report.json"), sha256(model))
     assert missing["privacy"] is None and "no privacy report at" in missing["privacy_warning"]
+    # the epsilon covers images decoded with the autoencoder the report names, not another one
+    decoder = str(tiny_bundle / "models" / "autoencoder.pt")
+    assert privacy_info(report, sha256(model), sha256(decoder))["privacy"] is not None
+    other_decoder = privacy_info(report, sha256(model), "1" * 64)
+    assert other_decoder["privacy"] is None and "decoded with the autoencoder" in other_decoder["privacy_warning"]
 
 
 def test_output_dir_holding_a_run_is_refused(tmp_path):
@@ -306,6 +315,33 @@ def test_output_dir_holding_a_run_is_refused(tmp_path):
         check_output_dir(str(out))
     prepare_output_dir(str(out), overwrite=True)
     assert sorted(os.listdir(out)) == ["notes.txt"]
+
+
+def test_overwrite_rerun_removes_temp_files_of_a_killed_run(tmp_path):
+    """A kill during synthesis left a 0-byte temp NIfTI that find -name '*.nii.gz' counted and that survived an
+    --overwrite rerun; temp files are now .part files and the rerun removes them (and the earlier .tmp_ ones)."""
+    import fnmatch
+
+    from scripts.files import temp_name
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.csv").write_text("file\n")
+    leftover = temp_name(out / "row0000_sample000.nii.gz")  # what a kill mid-write leaves (tests/test_files.py)
+    open(leftover, "wb").close()
+    (out / ".tmp_ab12cd.nii.gz").write_bytes(b"")  # the naming of earlier versions
+    assert not fnmatch.fnmatch(os.path.basename(leftover), "*.nii.gz")
+    prepare_output_dir(str(out), overwrite=True)
+    assert os.listdir(out) == []
+
+
+def test_wrong_stage_checkpoint_is_named(tiny_bundle):
+    from scripts.errors import CheckpointError
+
+    autoencoder = str(tiny_bundle / "models" / "autoencoder.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_model(autoencoder)
+    assert f"{autoencoder}: lacks" in str(err.value) and "configs/train_diffusion.yaml" in str(err.value)
 
 
 def test_missing_weights_name_the_stage(tiny_bundle, tmp_path):
@@ -367,7 +403,7 @@ def test_bundle_inference_end_to_end(tiny_bundle, bundle, tmp_path, monkeypatch)
     side = json.loads((out / "row0001_sample000.json").read_text())
     assert side["seed"] == 2 and side["steps"] == 3 and side["sampler"] == "ddim" and side["guidance_scale"] == 2.0
     assert side["unet_evaluations"] == 6 and side["privacy"]["epsilon"] == 7.9
-    assert side["model_version"] == json.loads(open("configs/metadata.json").read())["version"]
+    assert side["model_version"] == json.loads(Path("configs/metadata.json").read_text())["version"]
     assert nib.load(out / "row0000_sample000.nii.gz").shape == (48, 48, 8)
     # the default `run` entry does the same; an output folder holding a run is refused (non-zero exit)
     again = bundle("run", *args)

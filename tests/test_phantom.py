@@ -17,7 +17,9 @@ from scipy import ndimage
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.phantom import (
     LABELS,
+    CohortSpec,
     generate_cohort,
+    generate_cohorts,
     measure_attributes,
     phase_pair_attributes,
     sample_subject,
@@ -277,7 +279,7 @@ def test_split_sizes(n, fractions, sizes):
     ids = [f"sub-{i:04d}" for i in range(n)]
     splits = split_subjects(ids, fractions, seed=3)
     assert tuple(len(splits[k]) for k in ("training", "validation", "test")) == sizes
-    assert sorted(sum(splits.values(), [])) == ids
+    assert sorted(s for part in splits.values() for s in part) == ids
     assert split_subjects(ids, fractions, seed=3) == splits
 
 
@@ -325,7 +327,7 @@ def test_workers_give_identical_files(tmp_path):
 def test_cli(tmp_path):
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "scripts.phantom", "--out", str(out), "--subjects", "3", "--domain", "private"]
-    done = subprocess.run(cmd + ["--seed", "1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd + ["--seed", "1"], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["subjects"] == 3 and summary["volumes"] == 6 and summary["domain"] == "private"
@@ -337,7 +339,70 @@ def test_cli(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert bad.returncode != 0
     assert "domain must be one of 'public', 'private'; got 'foo'" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_failed_run_replaces_nothing(tmp_path, monkeypatch):
+    """A bad argument of the second cohort stops the run before the first is touched; a failure while
+    generating leaves every earlier cohort as it was, and no staging folder behind."""
+    import scripts.phantom
+
+    public, private = tmp_path / "data" / "public", tmp_path / "data" / "private"
+    generate_cohort(public, subjects=1, domain="public", seed=0, image_size=(64, 64), progress=False)
+    before = all_files(public)
+    with pytest.raises(ValueError, match=r"private cohort .*: subjects must be an integer >= 1 .*got 'abc'"):
+        generate_cohorts([
+            CohortSpec(public, subjects=2, domain="public", overwrite=True, progress=False),
+            CohortSpec(private, subjects="abc", domain="private", overwrite=True, progress=False),
+        ])
+    assert all_files(public) == before and not private.exists()
+
+    real = scripts.phantom._write_subject
+
+    def fail_on_private(job):
+        if job[2] == "private":
+            raise RuntimeError("disk full")
+        return real(job)
+
+    monkeypatch.setattr(scripts.phantom, "_write_subject", fail_on_private)
+    specs = [
+        CohortSpec(public, subjects=2, domain="public", image_size=(64, 64), overwrite=True, progress=False),
+        CohortSpec(private, subjects=1, domain="private", image_size=(64, 64), overwrite=True, progress=False),
+    ]
+    with pytest.raises(RuntimeError, match="disk full"):
+        generate_cohorts(specs)
+    assert all_files(public) == before  # rendered, but not swapped in
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["public"]  # staging folders removed
+
+
+def test_bundle_phantom_with_bad_argument_keeps_data(tmp_path, bundle):
+    """configs/phantom.yaml --private_subjects abc replaced data/public before failing; now it fails first."""
+    public = tmp_path / "public"
+    generate_cohort(public, subjects=1, domain="public", seed=0, image_size=(64, 64), progress=False)
+    (tmp_path / ".public.0badcafe.part").mkdir()  # a staging folder of a killed run
+    before = all_files(public)
+    proc = bundle(
+        "run", "--config_file", "configs/phantom.yaml", "--public_dir", str(public), "--private_dir",
+        str(tmp_path / "private"), "--public_subjects", "1", "--private_subjects", "abc",
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: private cohort (")
+    assert "subjects must be an integer >= 1 (number of subjects); got 'abc'" in proc.stderr
+    assert all_files(public) == before and not (tmp_path / "private").exists()
+    assert (tmp_path / ".public.0badcafe.part").exists()  # nothing ran: not even the clean-up
+
+
+def test_overwrite_keeps_other_files_and_cleans_stale_staging(tmp_path):
+    out = tmp_path / "cohort"
+    generate_cohort(out, subjects=2, domain="private", seed=2, image_size=(64, 64), progress=False)
+    (out / "notes.txt").write_text("keep")
+    (out / "images" / "extra.txt").write_text("keep too")
+    (tmp_path / ".cohort.12345678.part").mkdir()
+    generate_cohort(out, subjects=1, domain="private", seed=2, image_size=(64, 64), overwrite=True, progress=False)
+    assert (out / "notes.txt").read_text() == "keep" and (out / "images" / "extra.txt").read_text() == "keep too"
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["extra.txt", "sub-0000_ED.nii.gz", "sub-0000_ES.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort"]
