@@ -1,6 +1,7 @@
 """Time and peak memory of one DP-SGD step per per-sample-gradient mode, against a non-DP step.
 
-    python benchmarks/dp_step.py [--size default|small] [--batch B] [--repeats R] [--modes ...]
+    python benchmarks/dp_step.py [--size default|small] [--batch B] [--scope all|attention] [--repeats R] [--modes ...]
+    python benchmarks/dp_step.py --batch 16 --logical 256 --modes nodp bookkeeping   # logical batch in physical chunks
 
 Modes (all at the same physical batch of B records, one (timestep, noise) draw each):
 
@@ -10,10 +11,22 @@ Modes (all at the same physical batch of B records, one (timestep, noise) draw e
   Opacus cannot give ``AttributeEncoder.missing_embedding`` a per-sample gradient (the
   weight is read outside ``Embedding.forward``, so no hook sees it), so these modes freeze
   that table (marked ``*``); ``--opacus-as-is`` shows the error instead;
-* ``loop``, ``vmap``: :func:`scripts.per_sample.clipped_grad_sum` with B units of one row,
-  then the Gaussian noise, the division by B and the AdamW step, as ``DPOptimizer`` does;
-* ``loop-k2`` (generally ``loop-kN`` / ``vmap-kN``): B units of one record with N draws
-  each (noise multiplicity), to show what multiplicity costs.
+* ``loop``, ``vmap``, ``bookkeeping``: :func:`scripts.privacy.per_sample.clipped_grad_sum` with B
+  units of one row, then the Gaussian noise, the division by B and the AdamW step, as
+  ``DPOptimizer`` does (``bookkeeping``: per-layer ghost norms / per-unit gradients and
+  book-keeping from one forward and backward, docs/fast_clipping.md);
+* ``loop-k2`` (generally ``loop-kN`` / ``vmap-kN`` / ``bookkeeping-kN``): B units of one record
+  with N draws each (noise multiplicity), to show what multiplicity costs.
+
+``--scope`` freezes what the bundle's fine-tune scope excludes (``apply_scope``) in every
+mode, ``nodp`` included: ``attention`` is the DP configs' default, ``all`` trains everything.
+``--logical L`` gives every mode L records, processed in physical chunks of ``--batch``:
+the DP modes get L units with ``max_physical_batch_size = --batch``; ``nodp`` accumulates
+the gradients of the chunks. Its peak memory against a run with ``--logical`` equal to
+``--batch`` shows whether memory grows with the logical batch. On CPU run it with
+``MALLOC_MMAP_THRESHOLD_=131072``: with glibc's default (dynamic) threshold, blocks freed
+after one chunk stay in the heap and the peak RSS grows over the chunks by about 15 %
+for every mode, ``nodp`` included, without any tensor being kept.
 
 Each mode runs in its own fresh subprocess: one warm-up step, then up to ``--repeats``
 timed steps (median reported); a further step is only started if it is expected to end
@@ -53,7 +66,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
-MODES = ("nodp", "hooks", "functorch", "ghost", "loop", "vmap", "loop-k2")
+MODES = ("nodp", "hooks", "functorch", "ghost", "loop", "vmap", "bookkeeping", "loop-k2", "bookkeeping-k2")
+DP_MODES = ("loop", "vmap", "bookkeeping")
 OPACUS_MODES = ("hooks", "functorch", "ghost")
 NOISE_MULTIPLIER = 1.0
 MAX_GRAD_NORM = 1.0
@@ -112,7 +126,9 @@ class PerSampleMSE(nn.Module):
         return {"mean": loss.mean, "sum": loss.sum}.get(self.reduction, lambda: loss)()
 
 
-def make_batch(batch: int, k: int, latent_shape: list[int], num_attributes: int, t_max: int, device: torch.device) -> dict:
+def make_batch(
+    batch: int, k: int, latent_shape: list[int], num_attributes: int, t_max: int, device: torch.device
+) -> dict:
     """B records, each with K (timestep, noise) draws: rows of one record are adjacent."""
     latents = torch.randn(batch, *latent_shape).repeat_interleave(k, 0)
     condition = torch.rand(batch, num_attributes, 2)
@@ -144,10 +160,22 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def build_step(
-    mode: str, model: nn.Module, scheduler, data: dict, batch: int, k: int, lr: float, mpbs: int, opacus_as_is: bool = False
+    mode: str,
+    model: nn.Module,
+    scheduler,
+    data: dict,
+    batch: int,
+    k: int,
+    lr: float,
+    mpbs: int,
+    opacus_as_is: bool = False,
 ):
-    """Return a zero-argument callable doing one full optimiser step of ``mode``."""
-    from scripts.per_sample import clipped_grad_sum
+    """Return a zero-argument callable doing one full optimiser step of ``mode``.
+
+    ``batch`` is the number of records in ``data`` (the logical batch); ``mpbs`` the
+    physical batch: ``nodp`` accumulates over chunks of ``mpbs`` records when it is smaller.
+    """
+    from scripts.privacy.per_sample import clipped_grad_sum
 
     criterion = PerSampleMSE()
 
@@ -155,7 +183,7 @@ def build_step(
         return scheduler.add_noise(d["latents"], d["noise"], d["timesteps"])
 
     if mode == "nodp" or mode in OPACUS_MODES:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         module = model
         if mode in OPACUS_MODES:
             from opacus import PrivacyEngine
@@ -185,16 +213,18 @@ def build_step(
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            x = noisy_input(data)
-            loss = criterion(module(x, data["timesteps"], data["condition"]), data["noise"])
-            loss.backward()
+            for start in range(0, batch * k, mpbs * k):  # gradient accumulation over physical chunks
+                chunk = {name: t[start : start + mpbs * k] for name, t in data.items()}
+                x = noisy_input(chunk)
+                loss = criterion(module(x, chunk["timesteps"], chunk["condition"]), chunk["noise"])
+                loss.backward()
             optimizer.step()
 
         return step
 
-    base = mode.partition("-k")[0]  # "loop" or "vmap"
+    base = mode.partition("-k")[0]  # "loop", "vmap" or "bookkeeping"
     units = [{name: t[i * k : (i + 1) * k] for name, t in data.items()} for i in range(batch)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def unit_loss(net, unit) -> torch.Tensor:
@@ -224,10 +254,14 @@ def run_mode(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     cfg = network_config(args.size)
     model = ConditionalDiffusionUNet(**cfg["network"]).to(device).train()
+    apply_scope(model, args.scope)
     scheduler = DDPMScheduler(clip_sample=False, **cfg["scheduler"])
-    data = make_batch(args.batch, k, cfg["latent_shape"], model.num_attributes, cfg["scheduler"]["num_train_timesteps"], device)
+    records = args.logical or args.batch
+    data = make_batch(
+        records, k, cfg["latent_shape"], model.num_attributes, cfg["scheduler"]["num_train_timesteps"], device
+    )
     mpbs = args.max_physical_batch_size or args.batch
-    step = build_step(mode, model, scheduler, data, args.batch, k, cfg["lr"], mpbs, args.opacus_as_is)
+    step = build_step(mode, model, scheduler, data, records, k, cfg["lr"], mpbs, args.opacus_as_is)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -254,8 +288,11 @@ def run_mode(args: argparse.Namespace) -> dict:
     peak = peak_memory_mb(device)
     return {
         "mode": mode,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "trainable_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
         "n": len(times),
         "step_s": statistics.median(times) if times else warmup,
         "times": [round(t, 3) for t in times],
@@ -268,6 +305,15 @@ def run_mode(args: argparse.Namespace) -> dict:
     }
 
 
+def apply_scope(model: nn.Module, scope: str) -> None:
+    """The bundle's fine-tune scope (``all`` / ``attention`` / ``conditioning``)."""
+    try:
+        from scripts.privacy.validation import apply_scope as apply
+    except ImportError:  # before the split of scripts/dp.py
+        from scripts.dp import apply_scope as apply
+    apply(model, scope)
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -275,14 +321,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=("default", "small"), default="small")
     parser.add_argument("--batch", type=int, default=None, help="physical batch (records); default 8 small, 4 default")
+    parser.add_argument(
+        "--scope", choices=("all", "attention", "conditioning"), default="attention", help="fine-tune scope"
+    )
+    parser.add_argument(
+        "--logical", type=int, default=None, help="logical batch (records), in physical chunks of --batch"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per mode; default 5 small, 3 default")
     parser.add_argument("--modes", nargs="+", default=list(MODES), help=f"modes (default: {' '.join(MODES)})")
-    parser.add_argument("--max-physical-batch-size", type=int, default=None, help="vmap chunk in units (default: batch)")
+    parser.add_argument(
+        "--max-physical-batch-size", type=int, default=None, help="vmap chunk in units (default: batch)"
+    )
     parser.add_argument("--budget", type=float, default=None, help="seconds per mode (default 60)")
-    parser.add_argument("--rounds", type=int, default=1, help="run all modes this many times, interleaved (noisy machines)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run all modes this many times, interleaved (noisy machines)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--opacus-as-is", action="store_true", help="do not freeze missing_embedding for the Opacus modes (they then fail)"
+        "--opacus-as-is",
+        action="store_true",
+        help="do not freeze missing_embedding for the Opacus modes (they then fail)",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -290,14 +348,20 @@ def main() -> None:
     args.repeats = args.repeats or (5 if args.size == "small" else 3)
     args.budget = args.budget or 60.0
     for mode in args.modes:
-        if mode not in ("nodp",) + OPACUS_MODES and not re.fullmatch(r"(loop|vmap)(-k[1-9][0-9]*)?", mode):
-            parser.error(f"unknown mode {mode!r}; expected one of {MODES} or loop-kN / vmap-kN")
+        if mode not in ("nodp",) + OPACUS_MODES and not re.fullmatch(r"(loop|vmap|bookkeeping)(-k[1-9][0-9]*)?", mode):
+            parser.error(f"unknown mode {mode!r}; expected one of {MODES} or loop-kN / vmap-kN / bookkeeping-kN")
+    modes = {args.worker} if args.worker else set(args.modes)
+    if args.logical and (args.logical < args.batch or modes & set(OPACUS_MODES)):
+        parser.error("--logical must be >= --batch, and is for nodp and the clipped_grad_sum modes")
 
     if args.worker:
         try:
             result = run_mode(args)
         except Exception as e:  # reported in the table, the other modes still run
-            result = {"mode": args.worker, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"}
+            result = {
+                "mode": args.worker,
+                "error": f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}",
+            }
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -306,7 +370,11 @@ def main() -> None:
     for rnd in range(args.rounds):  # rounds interleave the modes, so a burst of other load hits all of them
         for mode in args.modes:
             runs[mode].append(run_worker(mode, args))
-            print(f"# round {rnd + 1} {mode}: done after {time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"# round {rnd + 1} {mode}: done after {time.perf_counter() - t_start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     rows = [merge_rounds(results) for results in runs.values()]
     print_table(rows, args, time.perf_counter() - t_start)
 
@@ -314,12 +382,23 @@ def main() -> None:
 def run_worker(mode: str, args: argparse.Namespace) -> dict:
     """Run one mode in a fresh interpreter (so its peak RSS is its own) and parse its result."""
     cmd = [sys.executable, __file__, "--worker", mode, "--size", args.size, "--batch", str(args.batch)]
-    cmd += ["--repeats", str(args.repeats), "--budget", str(args.budget), "--seed", str(args.seed)]
+    cmd += [
+        "--repeats",
+        str(args.repeats),
+        "--budget",
+        str(args.budget),
+        "--seed",
+        str(args.seed),
+        "--scope",
+        args.scope,
+    ]
+    if args.logical:
+        cmd += ["--logical", str(args.logical)]
     if args.opacus_as_is:
         cmd.append("--opacus-as-is")
     if args.max_physical_batch_size:
         cmd += ["--max-physical-batch-size", str(args.max_physical_batch_size)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if lines:
         return json.loads(lines[-1][len("RESULT ") :])
@@ -348,10 +427,16 @@ def print_table(rows: list[dict], args: argparse.Namespace, total_s: float) -> N
     ref = next((r for r in ok if r["mode"] == "nodp"), None)
     device = ok[0]["device"] if ok else "?"
     cpu = device.startswith("cpu")
-    params = f"{ok[0]['params_m']:.1f} M parameters" if ok else ""
+    params = f"{ok[0]['params_m']:.1f} M parameters ({ok[0].get('trainable_m', 0):.2f} M trainable)" if ok else ""
     rounds = f" --rounds {args.rounds}" if args.rounds > 1 else ""
-    print(f"\n--size {args.size} --batch {args.batch} --repeats {args.repeats}{rounds} | {device} | {params} | torch {torch.__version__}")
-    print(f"peak MB = peak minus memory after building model, batch and optimiser ({'RSS' if cpu else 'CUDA allocated'})")
+    logical = f" --logical {args.logical}" if args.logical else ""
+    print(
+        f"\n--size {args.size} --batch {args.batch}{logical} --scope {args.scope} --repeats {args.repeats}{rounds} | "
+        f"{device} | {params} | torch {torch.__version__}"
+    )
+    print(
+        f"peak MB = peak minus memory after building model, batch and optimiser ({'RSS' if cpu else 'CUDA allocated'})"
+    )
 
     def ratio(key: str, r: dict) -> str:
         return f"{r[key] / ref[key]:.2f}x" if ref and ref.get(key) and r.get(key) is not None else "-"
@@ -385,6 +470,7 @@ def print_table(rows: list[dict], args: argparse.Namespace, total_s: float) -> N
         print("max load: highest 1-minute load average while timing; well above 2 (this process) means other")
         print("processes shared the cores and the wall times of that row are inflated (rerun, or use --rounds)")
     print(f"total {total_s:.0f} s")
+
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Tests of per-unit gradient clipping (scripts/per_sample.py).
+"""Tests of per-unit gradient clipping (scripts/privacy/per_sample.py).
 
 Two models: a tiny float64 ``nn.Sequential`` for exact checks, and a tiny
 ``ConditionalDiffusionUNet`` with the diffusion loss, for the network the bundle trains.
@@ -14,9 +14,9 @@ from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
 from scripts.networks import ConditionalDiffusionUNet
-from scripts.per_sample import clip_factor, clipped_grad_sum
+from scripts.privacy.per_sample import clip_factor, clipped_grad_sum
 
-MODES = ("loop", "vmap")
+MODES = ("loop", "vmap", "bookkeeping")  # bookkeeping in depth: tests/test_bookkeeping.py
 LATENT = (4, 4, 8, 8)
 NUM_ATTRIBUTES = 14
 
@@ -69,7 +69,10 @@ def mlp_loss(net: Callable[..., torch.Tensor], unit: Mapping[str, torch.Tensor])
 
 def mlp_unit(m: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"x": torch.randn(m, 3, generator=g, dtype=torch.float64), "y": torch.randn(m, 2, generator=g, dtype=torch.float64)}
+    return {
+        "x": torch.randn(m, 3, generator=g, dtype=torch.float64),
+        "y": torch.randn(m, 2, generator=g, dtype=torch.float64),
+    }
 
 
 # tiny conditional diffusion UNet and the epsilon-prediction loss of the bundle
@@ -137,7 +140,12 @@ def test_loop_and_vmap_equal_reference_on_unet(unet: nn.Module) -> None:
     c = float(free_norms.median())
     ref, ref_norms = reference(unet, diffusion_loss, units, c)
     assert (ref_norms > c).any() and (ref_norms < c).any()
-    results = {mode: clipped_grad_sum(unet, diffusion_loss, units, c, mode=mode, max_physical_batch_size=1) for mode in MODES}
+    results = {
+        mode: clipped_grad_sum(unet, diffusion_loss, units, c, mode=mode, max_physical_batch_size=1) for mode in MODES
+    }
+    results["bookkeeping-batched"] = clipped_grad_sum(
+        unet, diffusion_loss, units, c, "bookkeeping", max_physical_batch_size=4
+    )
     for grads, norms in results.values():
         assert_grads_close(grads, ref, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(norms, ref_norms, rtol=1e-4, atol=1e-6)
@@ -147,7 +155,9 @@ def test_loop_and_vmap_equal_reference_on_unet(unet: nn.Module) -> None:
 
 def test_clip_factor_is_opacus_convention() -> None:
     norms = torch.tensor([0.0, 0.5, 1.0, 4.0])
-    torch.testing.assert_close(clip_factor(norms, 1.0), torch.tensor([1.0, 1.0, 1.0 / (1.0 + 1e-6), 1.0 / (4.0 + 1e-6)]))
+    torch.testing.assert_close(
+        clip_factor(norms, 1.0), torch.tensor([1.0, 1.0, 1.0 / (1.0 + 1e-6), 1.0 / (4.0 + 1e-6)])
+    )
 
 
 # --------------------------------------------------------------------------- sensitivity

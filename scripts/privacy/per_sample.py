@@ -16,7 +16,8 @@ each unit's gradient, its L2 norm, scales it by Opacus's factor
 ``min(1, max_grad_norm / (norm + 1e-6))`` and returns the sum; the caller adds the Gaussian
 noise and steps the optimiser (as ``DPOptimizer.add_noise`` / ``scale_grad`` / ``step`` do).
 
-Two ways to get the per-unit gradients, with the same result (tests/test_per_sample.py):
+Three ways to get the per-unit clipped sum, with the same result (tests/test_per_sample.py,
+tests/test_bookkeeping.py), and ``"auto"`` (:func:`resolve_grad_sample_mode`) to pick one:
 
 * ``"loop"``: one forward + backward per unit (``torch.autograd.grad``). Activation memory
   is that of one unit, so the peak stays below a non-DP step at the same batch (0.65x on
@@ -28,6 +29,16 @@ Two ways to get the per-unit gradients, with the same result (tests/test_per_sam
   GPU), but it holds the chunk's per-unit gradients (chunk x number of parameters) and
   functorch's batching rules keep larger temporaries: about 2.5x the non-DP peak on CPU at
   a chunk of the whole batch. ``max_physical_batch_size`` trades this against speed.
+
+* ``"bookkeeping"`` (:mod:`scripts.privacy.bookkeeping`): no per-unit gradient of the whole
+  model. One forward and one backward of the physical batch (all units' rows together);
+  each layer's per-unit gradient norm is computed from its captured input and output
+  gradient (Gram-matrix ghost norm when the layer has few positions, per-unit gradient
+  otherwise: :mod:`scripts.privacy.grad_norms`), and the clipped sum is formed by
+  book-keeping (kept per-unit gradients, or ``A^T (c * G)``) without a second backward.
+  About the time and memory of a non-DP step (docs/fast_clipping.md). Needs every
+  trainable parameter in a Linear, Conv1d/2d/3d, GroupNorm, LayerNorm or Embedding used
+  through its ``forward``, and ``unit_loss`` calling the network once.
 
 On CPU, PyTorch runs a Conv3d whose input has batch 1 and N*C*D*H <= 20480 with its slow
 native kernel instead of oneDNN (heuristic in ``ConvParams::use_mkldnn``), 4-9x slower per
@@ -51,15 +62,20 @@ per-sample gradients (3.5-4.8x a non-DP step on a small network, DESIGN.md secti
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["MODES", "clipped_grad_sum", "clip_factor"]
+from scripts.privacy.bookkeeping import bookkeeping_clipped_sum, unsupported_layers
 
-MODES: tuple[str, ...] = ("loop", "vmap")
+logger = logging.getLogger(__name__)
+
+__all__ = ["MODES", "clip_factor", "clipped_grad_sum", "resolve_grad_sample_mode"]
+
+MODES: tuple[str, ...] = ("loop", "vmap", "bookkeeping")
 
 UnitLoss = Callable[[Callable[..., torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -78,6 +94,40 @@ def clip_factor(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
         the factors, shape of ``norms``.
     """
     return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
+def resolve_grad_sample_mode(mode: str, device: str | torch.device = "cpu", network: nn.Module | None = None) -> str:
+    """The per-unit clipping mode to run: ``mode`` itself, or for ``"auto"`` the fastest exact one.
+
+    ``"auto"`` is decided by rules on the device and the network's layers, never by timing
+    at run time (so a run is reproducible and its report can say why): ``"bookkeeping"``
+    whenever every trainable parameter sits in a layer it supports (Linear, Conv1d/2d/3d,
+    GroupNorm, LayerNorm, Embedding: :func:`scripts.privacy.bookkeeping.unsupported_layers`),
+    on CUDA (one batched forward and backward, memory close to a non-DP step, docs/fast_clipping.md)
+    and on CPU (measured fastest there too: ``benchmarks/dp_step.py``, docs/fast_clipping.md).
+    Otherwise ``"vmap"`` on CUDA (batched; its memory is bounded by ``max_physical_batch_size``)
+    and ``"loop"`` on CPU (batching buys little on CPU, and it holds one unit's activations).
+
+    Args:
+        mode: ``"auto"`` or one of :data:`MODES`.
+        device: the device the step runs on.
+        network: the network with its fine-tune scope applied (``requires_grad`` set); None
+            assumes every layer is supported.
+
+    Returns:
+        one of :data:`MODES`.
+    """
+    if mode != "auto":
+        if mode not in MODES:
+            raise ValueError(f"config field 'grad_sample_mode': expected 'auto' or one of {list(MODES)}, got {mode!r}")
+        return mode
+    device = torch.device(device)
+    problems = unsupported_layers(network) if network is not None else []
+    if problems:
+        choice = "vmap" if device.type == "cuda" else "loop"
+        logger.info(f"grad_sample_mode auto -> {choice}: 'bookkeeping' does not support {'; '.join(problems[:3])}")
+        return choice
+    return "bookkeeping"
 
 
 def clipped_grad_sum(
@@ -104,18 +154,22 @@ def clipped_grad_sum(
             dimension is the unit's m rows (records x K draws). All randomness (noise,
             timesteps, condition dropout) is already drawn inside the unit.
         max_grad_norm: the clipping bound C > 0.
-        mode: "loop" or "vmap" (see the module docstring).
+        mode: "loop", "vmap", "bookkeeping" (see the module docstring) or "auto"
+            (:func:`resolve_grad_sample_mode` on the parameters' device).
         max_physical_batch_size: with "vmap", the most units whose per-unit gradients are
-            held at once. Ignored by "loop", which holds one unit's.
+            held at once; with "bookkeeping", the most units in one forward/backward.
+            Ignored by "loop", which holds one unit's.
 
     Returns:
         (grads, norms): ``grads`` has one tensor per trainable parameter, in the order of
         ``[p for p in model.parameters() if p.requires_grad]``, holding the sum of the
         clipped unit gradients (zeros for an empty ``units``); ``norms`` has shape
         ``(len(units),)``, each unit's gradient L2 norm before clipping, in ``units`` order.
+        A unit whose gradient is not finite (nan/inf norm) contributes zero to the sum
+        (dropping a unit's contribution keeps the sensitivity bound).
     """
-    if mode not in MODES:
-        raise ValueError(f"clipped_grad_sum: mode must be one of {MODES}, got {mode!r}")
+    if mode not in MODES + ("auto",):
+        raise ValueError(f"clipped_grad_sum: mode must be one of {MODES + ('auto',)}, got {mode!r}")
     if not max_grad_norm > 0:
         raise ValueError(f"clipped_grad_sum: max_grad_norm must be > 0, got {max_grad_norm}")
     if max_physical_batch_size < 1:
@@ -123,13 +177,19 @@ def clipped_grad_sum(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     summed = [torch.zeros_like(p) for p in params]
-    norms = torch.zeros(len(units), device=params[0].device, dtype=params[0].dtype) if params else torch.zeros(len(units))
+    norms = (
+        torch.zeros(len(units), device=params[0].device, dtype=params[0].dtype) if params else torch.zeros(len(units))
+    )
     if not units or not params:
         return summed, norms
+    if mode == "auto":
+        mode = resolve_grad_sample_mode("auto", params[0].device, model)
     if mode == "loop":
         _loop(model, unit_loss, units, max_grad_norm, params, summed, norms)
-    else:
+    elif mode == "vmap":
         _vmap(model, unit_loss, units, max_grad_norm, max_physical_batch_size, named, summed, norms)
+    else:
+        bookkeeping_clipped_sum(model, unit_loss, units, max_grad_norm, max_physical_batch_size, named, summed, norms)
     return summed, norms
 
 
@@ -160,6 +220,8 @@ def _loop(
             # Same norm as Opacus: L2 of the per-parameter L2 norms.
             norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
             norms[i] = norm
+            if not bool(torch.isfinite(norm)):  # a non-finite unit gradient contributes zero (host sync: CPU-cheap)
+                continue
             factor = clip_factor(norm, max_grad_norm)
             for s, g in zip(summed, grads):
                 s.addcmul_(g, factor.to(s.dtype))  # tensor factor: no host sync on GPU, no temporary
@@ -208,7 +270,11 @@ def _vmap(
                 # As DPOptimizer.clip_and_accumulate: per-parameter norms, then their L2 norm.
                 chunk_norms = torch.stack([g.reshape(n, -1).norm(2, dim=-1) for g in grads], dim=1).norm(2, dim=1)
                 norms[torch.as_tensor(chunk, device=norms.device)] = chunk_norms.to(norms.dtype)
-                factor = clip_factor(chunk_norms, max_grad_norm)
+                finite = torch.isfinite(chunk_norms)
+                factor = torch.where(finite, clip_factor(chunk_norms, max_grad_norm), torch.zeros_like(chunk_norms))
+                if not bool(finite.all()):  # non-finite unit gradients contribute zero (0 * nan is nan)
+                    keep = [finite.view((-1,) + (1,) * (g.ndim - 1)) for g in grads]
+                    grads = [torch.where(k, g, torch.zeros_like(g)) for k, g in zip(keep, grads)]
                 for s, g in zip(summed, grads):
                     s.add_(torch.einsum("i,i...", factor.to(g.dtype), g))
             del grads
