@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from ignite import distributed as idist
 from monai.losses import PatchAdversarialLoss, PerceptualLoss
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
@@ -32,6 +33,10 @@ class PatchAdversarialTerm(nn.Module):
     discriminator's optimiser state is part of this module's state_dict (extra state), so a
     resumed run continues it.
 
+    Single process only: the discriminator steps outside DDP, so under torch.distributed each
+    rank's copy would drift apart and only rank 0's would be saved. It is refused there
+    (train the adversarial term on one GPU, or set ``adversarial_weight`` to 0).
+
     Args:
         channels: discriminator base channels.
         num_layers: discriminator layers.
@@ -40,6 +45,12 @@ class PatchAdversarialTerm(nn.Module):
 
     def __init__(self, channels: int = 32, num_layers: int = 3, lr: float = 1e-4) -> None:
         super().__init__()
+        if idist.get_world_size() > 1:
+            raise ConfigError(
+                f"option --adversarial_weight: the PatchGAN discriminator trains in one process only, and this run has "
+                f"{idist.get_world_size()} (its copies would drift apart under DDP). Use adversarial_weight 0 with "
+                "configs/multi_gpu_train.yaml, or train the adversarial term on one GPU"
+            )
         self.discriminator = PatchDiscriminator(
             spatial_dims=2, num_layers_d=num_layers, channels=channels, in_channels=1, out_channels=1, norm="INSTANCE"
         )

@@ -127,3 +127,29 @@ def samples(
     model = getattr(network, "module", network)
     vols = sample_volumes(autoencoder, model, scheduler, condition, latent_shape, guidance_scale, seed=0)
     return [(f"sample | {it['id']} attrs", v[0].clamp(0, 1).cpu().numpy()) for it, v in zip(items, vols)]
+
+
+def attribute_items(requests: Sequence[dict], ranges: dict) -> list[dict]:
+    """Montage conditions from attribute values written in a config (``{name: value}``, absent = missing).
+
+    The DP stage draws its MLflow montage from these: values the user wrote, never a private
+    record's attributes (conditioning on those would release them outside the guarantee).
+
+    Args:
+        requests: one mapping of attribute values per image.
+        ranges: the reference ranges (``attribute_ranges`` of the config).
+
+    Returns:
+        items with ``attributes``, ``missing`` and ``id``, as :func:`samples` reads them.
+    """
+    from scripts.attributes import ATTRIBUTE_NAMES
+    from scripts.data import EncodeAttributesd
+
+    encoder = EncodeAttributesd(keys="attributes", ranges=ranges)
+    items = []
+    for i, request in enumerate(requests):
+        raw = np.array([float(request.get(n, np.nan)) for n in ATTRIBUTE_NAMES], dtype=np.float32)
+        scaled, missing = encoder.encode(raw)
+        label = ", ".join(f"{k} {v:g}" for k, v in list(request.items())[:2])  # short: a montage row title
+        items.append({"attributes": torch.from_numpy(scaled), "missing": torch.from_numpy(missing), "id": label or f"#{i}"})
+    return items

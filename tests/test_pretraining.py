@@ -194,6 +194,18 @@ def test_patchgan_term_trains_the_discriminator_in_training_only():
     assert AutoencoderKLLoss().adversarial is None  # off by default
 
 
+def test_patchgan_is_refused_under_torch_distributed(monkeypatch):
+    """The discriminator steps outside DDP (its copies would drift apart): refused with more than one process."""
+    from ignite import distributed as idist
+
+    from scripts.losses import AutoencoderKLLoss
+
+    monkeypatch.setattr(idist, "get_world_size", lambda: 2)
+    with pytest.raises(ValueError, match="--adversarial_weight: the PatchGAN discriminator trains in one process"):
+        AutoencoderKLLoss(adversarial_weight=0.1)
+    AutoencoderKLLoss(adversarial_weight=0.0)  # the rest of the loss is fine under DDP
+
+
 def test_autoencoder_stage_with_patchgan(tmp_path, cohorts, bundle):
     proc = train_autoencoder(bundle, tmp_path, cohorts["public"], "--epochs", "1", "--adversarial_weight", "0.01")
     assert proc.returncode == 0, proc.stderr[-3000:]
