@@ -243,8 +243,11 @@ def load_model(
 def resolve_autoencoder_path(autoencoder_path: str | None, model_info: Mapping, model_path: str, bundle_root: str = ".") -> str:
     """The autoencoder file: the override, else the path stored in the model checkpoint.
 
-    A relative stored path is tried as stored (relative to the working directory) and then
-    relative to ``bundle_root``.
+    The stored path is the one the training machine wrote. It is looked up, in this order:
+    relative to ``bundle_root`` (a downloaded bundle, ``--bundle_root DIR``), as stored, and as
+    ``bundle_root/models/<its file name>`` (an absolute path of another machine). The
+    report's SHA-256 check at synthesis still says whether the decoder found is the one the
+    privacy report covers.
 
     Returns:
         the path of an existing file.
@@ -256,10 +259,11 @@ def resolve_autoencoder_path(autoencoder_path: str | None, model_info: Mapping, 
         path = str(autoencoder_path)
         origin = "--autoencoder_path"
     else:
-        path = str(model_info.get("autoencoder") or "")
+        stored = str(model_info.get("autoencoder") or "")
         origin = f"the autoencoder path stored in {model_path}"
-        if path and not os.path.isabs(path) and not os.path.isfile(path):
-            path = os.path.join(bundle_root, path)
+        candidates = [stored] if os.path.isabs(stored) else [os.path.join(bundle_root, stored), stored]
+        candidates.append(os.path.join(bundle_root, "models", os.path.basename(stored)))
+        path = next((c for c in candidates if stored and os.path.isfile(c)), stored)
     if not path or not os.path.isfile(path):
         raise MissingInputError(
             f"autoencoder {path or '<none>'} ({origin}) not found; it is produced by: {AUTOENCODER_STAGE} "

@@ -6,7 +6,7 @@ slices, and MONAI's downsampling is isotropic), and (b) an encoder that turns a 
 possibly-missing medical attributes into cross-attention tokens. Both are small wrappers.
 
 Every layer here normalises per sample (GroupNorm / LayerNorm), never across a batch, so
-the networks are valid for DP-SGD (DESIGN.md section 4.4).
+the networks are valid for DP-SGD (docs/README.md section 3).
 """
 
 from __future__ import annotations

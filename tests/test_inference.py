@@ -358,6 +358,10 @@ def test_missing_weights_name_the_stage(tiny_bundle, tmp_path):
         resolve_autoencoder_path(None, moved, "model.pt")
     override = str(tiny_bundle / "models" / "autoencoder.pt")
     assert resolve_autoencoder_path(override, moved, "model.pt") == override
+    # a downloaded bundle: the stored path is the training machine's; the file is in <bundle_root>/models/
+    elsewhere = dict(info, autoencoder="/training/machine/models/autoencoder.pt")
+    found = resolve_autoencoder_path(None, elsewhere, "model.pt", bundle_root=str(tiny_bundle))
+    assert found == str(tiny_bundle / "models" / "autoencoder.pt")
 
 
 def test_weights_choice(tiny_bundle):

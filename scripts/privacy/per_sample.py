@@ -7,7 +7,7 @@ Opacus computes one gradient per *row* of the batch (``p.grad_sample``) and clip
   noise) draws *before* clipping, so the record's sensitivity stays ``max_grad_norm``.
   Stacking the K draws as K batch rows would clip each draw as its own record, so a record
   could move the sum by up to K x ``max_grad_norm`` while the noise is calibrated for one;
-* subject-level privacy (DESIGN.md section 4.6): a subject's ED and ES volumes are clipped
+* subject-level privacy (docs/README.md section 3): a subject's ED and ES volumes are clipped
   together as ONE unit.
 
 So the unit of clipping here is a *unit*: a mapping of tensors whose leading dimension m
@@ -20,15 +20,14 @@ Three ways to get the per-unit clipped sum, with the same result (tests/test_per
 tests/test_bookkeeping.py), and ``"auto"`` (:func:`resolve_grad_sample_mode`) to pick one:
 
 * ``"loop"``: one forward + backward per unit (``torch.autograd.grad``). Activation memory
-  is that of one unit, so the peak stays below a non-DP step at the same batch (0.65x on
-  the default network, batch 4, CPU); the cost is B small steps instead of one batched
-  step, which on CPU is close to free (1.0-1.1x there: CPU throughput is roughly linear in
-  the batch) and on GPU is expected to under-use the device (not measured).
+  is that of one unit, so the peak stays below a non-DP step at the same batch; the cost is
+  B small steps instead of one batched step, which on CPU is cheap (CPU throughput is
+  roughly linear in the batch) and leaves a GPU idle.
 * ``"vmap"``: ``torch.func.vmap(torch.func.grad(...))`` over chunks of at most
   ``max_physical_batch_size`` units of the same m. Batched like a non-DP step (meant for
   GPU), but it holds the chunk's per-unit gradients (chunk x number of parameters) and
-  functorch's batching rules keep larger temporaries: about 2.5x the non-DP peak on CPU at
-  a chunk of the whole batch. ``max_physical_batch_size`` trades this against speed.
+  functorch's batching rules keep larger temporaries (a multiple of the non-DP peak at a
+  chunk of the whole batch). ``max_physical_batch_size`` trades this against speed.
 
 * ``"bookkeeping"`` (:mod:`scripts.privacy.bookkeeping`): no per-unit gradient of the whole
   model. One forward and one backward of the physical batch (all units' rows together);
@@ -56,7 +55,7 @@ gradient storage) or a loss that is a mean of per-row terms, which this API does
 promise. Opacus also gives no per-sample gradient to ``AttributeEncoder.missing_embedding``
 (its weight is read outside ``Embedding.forward``, where no hook sees it) and fails the
 step. For Conv3d its ``"hooks"`` mode unfolds the input and ``"ghost"`` falls back to full
-per-sample gradients (3.5-4.8x a non-DP step on a small network, DESIGN.md section 5).
+per-sample gradients (measured in docs/fast_clipping.md).
 ``benchmarks/dp_step.py`` measures them beside ``"loop"`` and ``"vmap"``.
 """
 
