@@ -135,14 +135,18 @@ def latent_stats(latents: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 def proxy(stats: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
     """Latent-statistics proxy in %: (mean |mean - mean_ref| / std_ref, mean |std - std_ref| / std_ref)."""
     (mean, std), (mean_ref, std_ref) = stats, ref
-    return float(np.mean(np.abs(mean - mean_ref) / std_ref) * 100.0), float(np.mean(np.abs(std - std_ref) / std_ref) * 100.0)
+    return float(np.mean(np.abs(mean - mean_ref) / std_ref) * 100.0), float(
+        np.mean(np.abs(std - std_ref) / std_ref) * 100.0
+    )
 
 
 def _pct(pair: tuple[float, float] | None) -> str:
     return "- | -" if pair is None else f"{pair[0]:.1f} | {pair[1]:.1f}"
 
 
-def oracle_table(configs: list[tuple[str, int]], schedule: dict, latent_shape: list[int], volumes: int = 8) -> list[dict]:
+def oracle_table(
+    configs: list[tuple[str, int]], schedule: dict, latent_shape: list[int], volumes: int = 8
+) -> list[dict]:
     """Run every sampler with :class:`GaussianOracle` and print the proxy against DDPM and the exact target."""
     from scripts.sampling import EvaluationCounter, build_scheduler, sample_latents
 
@@ -156,11 +160,15 @@ def oracle_table(configs: list[tuple[str, int]], schedule: dict, latent_shape: l
         scheduler = build_scheduler(sampler, schedule, None if sampler == "ddpm" and steps == total_t else steps)
         oracle = GaussianOracle(scheduler.alphas_cumprod, mean, std)
         with EvaluationCounter(oracle) as counter:
-            latents = sample_latents(oracle, scheduler, torch.zeros(volumes, 14, 2), latent_shape, seeds=list(range(volumes)))
+            latents = sample_latents(
+                oracle, scheduler, torch.zeros(volumes, 14, 2), latent_shape, seeds=list(range(volumes))
+            )
         stats = latent_stats(latents)
         if sampler == "ddpm" and len(scheduler.timesteps) == total_t:
             ref = stats
-        rows.append({"sampler": sampler, "steps": len(scheduler.timesteps), "evals": counter.count / volumes, "stats": stats})
+        rows.append(
+            {"sampler": sampler, "steps": len(scheduler.timesteps), "evals": counter.count / volumes, "stats": stats}
+        )
     print(
         f"\nanalytic denoiser (Gaussian latents, mean {np.round(mean, 2).tolist()}, std {np.round(std, 2).tolist()}), "
         f"{volumes} volumes:"
@@ -202,7 +210,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         network, autoencoder, info, source = trained_networks(args.model, args.device)
     else:
         if not args.random_init:
-            print(f"{args.model} not found: using randomly initialised networks (timings only; the proxy is meaningless)")
+            print(
+                f"{args.model} not found: using randomly initialised networks (timings only; the proxy is meaningless)"
+            )
         network, autoencoder, info, source = random_networks(args.device)
     with open(REPO / "configs" / "inference.yaml") as f:
         bundle = yaml.safe_load(f)
@@ -226,7 +236,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows, refs = [], {}
     for sampler, steps in args.configs:
         for guidance in (None, args.guidance):
-            scheduler = build_scheduler(sampler, info["scheduler"], None if sampler == "ddpm" and steps == total_t else steps)
+            scheduler = build_scheduler(
+                sampler, info["scheduler"], None if sampler == "ddpm" and steps == total_t else steps
+            )
             synth = Synthesizer(autoencoder, network, scheduler, latent_shape, ranges, guidance, args.device)
             start = time.perf_counter()
             latents = synth.latents(values, seeds)

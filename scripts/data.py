@@ -93,9 +93,7 @@ def parse_value(raw: Any, where: str, name: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise DataError(
-                f"{where}: attribute '{name}' must be a number or blank (missing), got {raw!r}"
-            ) from None
+            raise DataError(f"{where}: attribute '{name}' must be a number or blank (missing), got {raw!r}") from None
     if math.isinf(value):
         raise DataError(f"{where}: attribute '{name}' must be finite, got {raw!r}")
     return value
@@ -182,9 +180,7 @@ def check_attribute_names(names: Sequence[str], where: str) -> None:
     """
     unknown = [n for n in names if n not in ATTRIBUTE_NAMES]
     if unknown:
-        raise DataError(
-            f"{where}: unknown attribute(s) {unknown}; expected names from {list(ATTRIBUTE_NAMES)}"
-        )
+        raise DataError(f"{where}: unknown attribute(s) {unknown}; expected names from {list(ATTRIBUTE_NAMES)}")
 
 
 def read_attributes_csv(path: str, ranges: Mapping[str, Sequence[float]] | None = None) -> dict[str, np.ndarray]:

@@ -37,7 +37,11 @@ class ReconstructionPrepareBatch(PrepareBatch):
     """Return (image, image): the autoencoder's target is its input."""
 
     def __call__(
-        self, batchdata: dict[str, torch.Tensor], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+        self,
+        batchdata: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         image = batchdata["image"].to(device=device, non_blocking=non_blocking)
         return image, image
@@ -89,13 +93,19 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         return condition
 
     def __call__(
-        self, batchdata: dict[str, torch.Tensor], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+        self,
+        batchdata: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
         images = batchdata["image"].to(device=device, non_blocking=non_blocking)
         latents = self.encode(images)
         generator = None if self.seed is None else _batch_generator(batchdata, self.seed)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        timesteps = torch.randint(0, self.num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+        timesteps = torch.randint(0, self.num_train_timesteps, (latents.shape[0],), generator=generator).to(
+            latents.device
+        )
         condition = make_condition(batchdata["attributes"], batchdata["missing"])
         condition = self.drop_attributes(condition, generator).to(device=device, non_blocking=non_blocking)
         target = self.get_target(latents, noise, timesteps)

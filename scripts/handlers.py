@@ -198,7 +198,9 @@ class LatentScaleFactor:
             total_sq += float((z * z).sum())
         model.train(was_training)
         if count == 0:
-            raise DataError("latent scale factor: the public training loader yielded no data (expected a non-empty training split)")
+            raise DataError(
+                "latent scale factor: the public training loader yielded no data (expected a non-empty training split)"
+            )
         std = max((total_sq / count - (total / count) ** 2), 1e-12) ** 0.5
         return 1.0 / std
 

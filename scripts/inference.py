@@ -113,11 +113,15 @@ def _parse_int(raw: str | None, where: str, column: str, minimum: int, maximum: 
     if text == "":
         return None
     if not re.fullmatch(r"[+]?\d+", text) or not minimum <= int(text) <= maximum:
-        raise DataError(f"{where}, column '{column}': expected an integer in [{minimum}, {maximum}] or blank, got {raw!r}")
+        raise DataError(
+            f"{where}, column '{column}': expected an integer in [{minimum}, {maximum}] or blank, got {raw!r}"
+        )
     return int(text)
 
 
-def read_requests(path: str | None, ranges: Mapping[str, Sequence[float]], clip_out_of_range: bool = False) -> list[Request]:
+def read_requests(
+    path: str | None, ranges: Mapping[str, Sequence[float]], clip_out_of_range: bool = False
+) -> list[Request]:
     """Read and validate a request CSV (see the module docstring for the format).
 
     Args:
@@ -162,7 +166,9 @@ def read_requests(path: str | None, ranges: Mapping[str, Sequence[float]], clip_
                 if name not in cell:
                     continue
                 value = parse_value(cell[name], where, name)
-                values[i], was_clipped = check_attribute(value, name, where, ranges, _policy(clip_out_of_range), CLIP_HINT)
+                values[i], was_clipped = check_attribute(
+                    value, name, where, ranges, _policy(clip_out_of_range), CLIP_HINT
+                )
                 if was_clipped:
                     clipped[name] = value
             count = _parse_int(cell.get("count"), where, "count", 1, 10**6)
@@ -240,7 +246,9 @@ def load_model(
     return network.eval().requires_grad_(False), info
 
 
-def resolve_autoencoder_path(autoencoder_path: str | None, model_info: Mapping, model_path: str, bundle_root: str = ".") -> str:
+def resolve_autoencoder_path(
+    autoencoder_path: str | None, model_info: Mapping, model_path: str, bundle_root: str = "."
+) -> str:
     """The autoencoder file: the override, else the path stored in the model checkpoint.
 
     The stored path is the one the training machine wrote. It is looked up, in this order:
@@ -317,7 +325,10 @@ def privacy_info(report_path: str, model_sha256: str, autoencoder_sha256: str | 
     """
 
     def unknown(why: str) -> dict[str, Any]:
-        return {"privacy": None, "privacy_warning": f"{why}: no differential-privacy guarantee is known for these images"}
+        return {
+            "privacy": None,
+            "privacy_warning": f"{why}: no differential-privacy guarantee is known for these images",
+        }
 
     if not os.path.isfile(report_path):
         return unknown(f"no privacy report at {report_path}")
@@ -389,7 +400,9 @@ def _guidance(scale: Any) -> float | None:
     try:
         value = float(scale)
     except (TypeError, ValueError):
-        raise ConfigError(f"config field 'guidance_scale': expected a number >= 0 or null (off), got {scale!r}") from None
+        raise ConfigError(
+            f"config field 'guidance_scale': expected a number >= 0 or null (off), got {scale!r}"
+        ) from None
     if not math.isfinite(value) or value < 0:
         raise ConfigError(f"config field 'guidance_scale': expected a number >= 0 or null (off), got {scale!r}")
     return None if value == 1.0 else value
@@ -452,8 +465,13 @@ class Synthesizer:
         """Sample (B, C, D, h, w) latents, one per attribute row and seed; adds to :attr:`evaluations`."""
         with EvaluationCounter(self.network) as counter:
             latents = sample_latents(
-                self.network, self.scheduler, self.condition(values), self.latent_shape, self.guidance_scale,
-                verbose=self.verbose, seeds=list(seeds),
+                self.network,
+                self.scheduler,
+                self.condition(values),
+                self.latent_shape,
+                self.guidance_scale,
+                verbose=self.verbose,
+                seeds=list(seeds),
             )
         self.evaluations += counter.count
         return latents
@@ -479,7 +497,9 @@ class Synthesizer:
 def nifti_affine(shape_xyz: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
     """A 4x4 affine with voxel size ``spacing`` (mm) and the volume centred on the origin."""
     if len(spacing) != 3 or not all(float(s) > 0 for s in spacing):
-        raise ConfigError(f"config field 'spacing': expected 3 positive voxel sizes in mm (X, Y, slice), got {spacing!r}")
+        raise ConfigError(
+            f"config field 'spacing': expected 3 positive voxel sizes in mm (X, Y, slice), got {spacing!r}"
+        )
     affine = np.diag([*(float(s) for s in spacing), 1.0])
     affine[:3, 3] = [-(n - 1) / 2.0 * float(s) for n, s in zip(shape_xyz, spacing)]
     return affine
@@ -685,9 +705,11 @@ def sweep_values(
     where = "--values"
     if values is not None:
         if isinstance(values, (int, float, str)) or not len(values):
-            raise DataError(f"{where}: expected a non-empty list of numbers, e.g. \"[100,150,200]\", got {values!r}")
+            raise DataError(f'{where}: expected a non-empty list of numbers, e.g. "[100,150,200]", got {values!r}')
         return [
-            check_attribute(parse_value(v, where, attribute), attribute, where, ranges, _policy(clip_out_of_range), CLIP_HINT)[0]
+            check_attribute(
+                parse_value(v, where, attribute), attribute, where, ranges, _policy(clip_out_of_range), CLIP_HINT
+            )[0]
             for v in values
         ]
     if attribute in BINARY_ATTRIBUTES:
@@ -701,7 +723,10 @@ def sweep_values(
 
 
 def sweep_base(
-    defaults: Mapping[str, float], base_csv: str | None, ranges: Mapping[str, Sequence[float]], clip_out_of_range: bool = False
+    defaults: Mapping[str, float],
+    base_csv: str | None,
+    ranges: Mapping[str, Sequence[float]],
+    clip_out_of_range: bool = False,
 ) -> tuple[np.ndarray, int | None]:
     """The fixed attributes of a sweep: ``defaults``, or the single row of ``base_csv``.
 

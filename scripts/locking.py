@@ -62,7 +62,12 @@ def lock_folder(folder: str, run_name: str = "") -> str:
             f"{folder} is in use by another run ({who}); wait for it to finish, or give this run its own "
             "--bundle_root. Two runs on one folder would overwrite each other's checkpoints and privacy ledger"
         ) from None
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "run": run_name, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "run": run_name,
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     _held[key] = fd

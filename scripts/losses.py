@@ -113,7 +113,11 @@ class AutoencoderKLLoss(nn.Module):
         self.perceptual_weight = perceptual_weight if perceptual_weights else 0.0
         self.perceptual = (
             PerceptualLoss(
-                spatial_dims=3, network_type="resnet50", is_fake_3d=True, pretrained=True, pretrained_path=perceptual_weights
+                spatial_dims=3,
+                network_type="resnet50",
+                is_fake_3d=True,
+                pretrained=True,
+                pretrained_path=perceptual_weights,
             )
             if perceptual_weights and perceptual_weight > 0
             else None

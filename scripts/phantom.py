@@ -777,9 +777,7 @@ def _affine(p: SubjectParams) -> np.ndarray:
     return affine
 
 
-def synthesize_subject(
-    seed: int, domain: str, index: int, image_size: Sequence[int] = (112, 112)
-) -> dict[str, Any]:
+def synthesize_subject(seed: int, domain: str, index: int, image_size: Sequence[int] = (112, 112)) -> dict[str, Any]:
     """Render the ED and ES volumes of one subject and measure their attributes.
 
     Args:

@@ -176,7 +176,12 @@ def sample_latents(
     cfg = None if guidance_scale is None or guidance_scale == 1.0 else float(guidance_scale)
     try:
         latents = DiffusionInferer(scheduler).sample(
-            input_noise=noise, diffusion_model=network, scheduler=scheduler, conditioning=condition, cfg=cfg, verbose=verbose
+            input_noise=noise,
+            diffusion_model=network,
+            scheduler=scheduler,
+            conditioning=condition,
+            cfg=cfg,
+            verbose=verbose,
         )
     finally:
         network.train(was_training)

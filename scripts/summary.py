@@ -43,7 +43,9 @@ def cohort_table(summaries: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def demo(report: str = "models/privacy_report.json", synthetic: str = "outputs/demo", sweep: str = "outputs/demo_sweep") -> str:
+def demo(
+    report: str = "models/privacy_report.json", synthetic: str = "outputs/demo", sweep: str = "outputs/demo_sweep"
+) -> str:
     """The closing summary of ``make demo``: privacy spent, where the outputs are, how to see the runs.
 
     Args:

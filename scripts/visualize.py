@@ -151,5 +151,7 @@ def attribute_items(requests: Sequence[dict], ranges: dict) -> list[dict]:
         raw = np.array([float(request.get(n, np.nan)) for n in ATTRIBUTE_NAMES], dtype=np.float32)
         scaled, missing = encoder.encode(raw)
         label = ", ".join(f"{k} {v:g}" for k, v in list(request.items())[:2])  # short: a montage row title
-        items.append({"attributes": torch.from_numpy(scaled), "missing": torch.from_numpy(missing), "id": label or f"#{i}"})
+        items.append(
+            {"attributes": torch.from_numpy(scaled), "missing": torch.from_numpy(missing), "id": label or f"#{i}"}
+        )
     return items

@@ -74,12 +74,24 @@ def mlflow_runs(root, prefix):
 
 
 def train_autoencoder(bundle, root, cohort, *extra):
-    return bundle("run", "training", "--config_file", AE, "--dataset_dir", str(cohort), "--bundle_root", str(root), *TINY, *extra)
+    return bundle(
+        "run", "training", "--config_file", AE, "--dataset_dir", str(cohort), "--bundle_root", str(root), *TINY, *extra
+    )
 
 
 def train_diffusion(bundle, root, cohort, *extra):
     return bundle(
-        "run", "training", "--config_file", LDM, "--dataset_dir", str(cohort), "--bundle_root", str(root), *TINY, *LATENT, *extra
+        "run",
+        "training",
+        "--config_file",
+        LDM,
+        "--dataset_dir",
+        str(cohort),
+        "--bundle_root",
+        str(root),
+        *TINY,
+        *LATENT,
+        *extra,
     )
 
 

@@ -56,9 +56,19 @@ class Rows:
 
 def settings(units: Units, mode: str) -> dict:
     return {
-        "stage": "check", "dataset": "synthetic", "privacy_unit": "record", "units": len(units), "records": len(units),
-        "target_epsilon": float("inf"), "delta": 1e-5, "accountant": "prv", "max_grad_norm": 0.5,
-        "max_physical_batch_size": 2, "grad_sample_mode": mode, "logical_batch_size": 4, "finetune_scope": "all",
+        "stage": "check",
+        "dataset": "synthetic",
+        "privacy_unit": "record",
+        "units": len(units),
+        "records": len(units),
+        "target_epsilon": float("inf"),
+        "delta": 1e-5,
+        "accountant": "prv",
+        "max_grad_norm": 0.5,
+        "max_physical_batch_size": 2,
+        "grad_sample_mode": mode,
+        "logical_batch_size": 4,
+        "finetune_scope": "all",
         "noise_multiplicity": 1,
     }
 
@@ -67,11 +77,19 @@ def dp_handler(units: Units, mode: str, sigma: float, target: float, rank: int) 
     tmp = tempfile.mkdtemp()
     net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
     ledger = PrivacyLedger(
-        {**settings(units, mode), "target_epsilon": target}, 4 / len(units), 1,
-        path=os.path.join(tmp, "ledger.json"), noise_multiplier=sigma,
+        {**settings(units, mode), "target_epsilon": target},
+        4 / len(units),
+        1,
+        path=os.path.join(tmp, "ledger.json"),
+        noise_multiplier=sigma,
     )
     return DPTrainingHandler(
-        net, torch.optim.SGD(net.parameters(), lr=1.0), ledger, Rows(), os.path.join(tmp, "report.json"), noise_seed=rank
+        net,
+        torch.optim.SGD(net.parameters(), lr=1.0),
+        ledger,
+        Rows(),
+        os.path.join(tmp, "report.json"),
+        noise_seed=rank,
     )
 
 
@@ -96,7 +114,10 @@ def main(out: str, mode: str = "loop") -> None:
     world = torch.distributed.get_world_size() if distributed else 1
     g = torch.Generator().manual_seed(0)
     units = Units(
-        {"x": torch.randn(m, 3, generator=g, dtype=torch.float64), "y": torch.randn(m, 1, generator=g, dtype=torch.float64)}
+        {
+            "x": torch.randn(m, 3, generator=g, dtype=torch.float64),
+            "y": torch.randn(m, 1, generator=g, dtype=torch.float64),
+        }
         for m in (1, 2, 3, 1, 2, 3, 1, 2)
     )
     torch.manual_seed(0)
@@ -119,8 +140,11 @@ def main(out: str, mode: str = "loop") -> None:
         with open(out, "w") as f:
             json.dump(
                 {
-                    "world": world, "update": update.tolist(), "epsilons": [r["epsilon"] for r in gathered],
-                    "sampler": [r["sampler"] for r in gathered], "optimizer": type(dp.optimizer).__name__,
+                    "world": world,
+                    "update": update.tolist(),
+                    "epsilons": [r["epsilon"] for r in gathered],
+                    "sampler": [r["sampler"] for r in gathered],
+                    "optimizer": type(dp.optimizer).__name__,
                     "sampler_setup": {"units": SAMPLER_UNITS, "rate": SAMPLER_RATE, "epochs": SAMPLER_EPOCHS},
                 },
                 f,

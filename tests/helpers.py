@@ -87,8 +87,16 @@ def tiny_unet(seed: int = 0) -> ConditionalDiffusionUNet:
     """A tiny conditioned 3D UNet whose every layer gets gradients."""
     torch.manual_seed(seed)
     net = ConditionalDiffusionUNet(
-        attribute_dim=16, attribute_heads=2, spatial_dims=3, in_channels=4, out_channels=4, channels=[16, 32],
-        attention_levels=[False, True], num_res_blocks=1, num_head_channels=[0, 8], norm_num_groups=8,
+        attribute_dim=16,
+        attribute_heads=2,
+        spatial_dims=3,
+        in_channels=4,
+        out_channels=4,
+        channels=[16, 32],
+        attention_levels=[False, True],
+        num_res_blocks=1,
+        num_head_channels=[0, 8],
+        norm_num_groups=8,
     )
     with torch.no_grad():  # MONAI zero-initialises the output conv: give it weights so every layer gets gradients
         for p in net.unet.out.parameters():
@@ -100,8 +108,14 @@ def tiny_autoencoder() -> SliceAutoencoder:
     """A tiny frozen slice-wise autoencoder with a fixed scale factor."""
     torch.manual_seed(1)
     ae = SliceAutoencoder(
-        in_channels=1, out_channels=1, channels=[8, 8], latent_channels=4, num_res_blocks=1,
-        attention_levels=[False, False], norm_num_groups=4, with_encoder_nonlocal_attn=False,
+        in_channels=1,
+        out_channels=1,
+        channels=[8, 8],
+        latent_channels=4,
+        num_res_blocks=1,
+        attention_levels=[False, False],
+        norm_num_groups=4,
+        with_encoder_nonlocal_attn=False,
         with_decoder_nonlocal_attn=False,
     )
     ae.scale_factor.fill_(1.5)
@@ -111,9 +125,19 @@ def tiny_autoencoder() -> SliceAutoencoder:
 def dp_settings(units: PrivacyUnits, **overrides) -> dict:
     """Ledger settings of a tiny DP stage."""
     settings = {
-        "stage": "diffusion_dp_finetune", "dataset": "records", "privacy_unit": units.unit, "units": len(units),
-        "records": units.num_records, "target_epsilon": 10.0, "delta": 1e-5, "accountant": "prv", "max_grad_norm": 1.0,
-        "noise_multiplicity": 1, "logical_batch_size": 2, "max_physical_batch_size": 8, "grad_sample_mode": "loop",
+        "stage": "diffusion_dp_finetune",
+        "dataset": "records",
+        "privacy_unit": units.unit,
+        "units": len(units),
+        "records": units.num_records,
+        "target_epsilon": 10.0,
+        "delta": 1e-5,
+        "accountant": "prv",
+        "max_grad_norm": 1.0,
+        "noise_multiplicity": 1,
+        "logical_batch_size": 2,
+        "max_physical_batch_size": 8,
+        "grad_sample_mode": "loop",
         "finetune_scope": "all",
     }
     settings.update(overrides)
@@ -121,17 +145,33 @@ def dp_settings(units: PrivacyUnits, **overrides) -> dict:
 
 
 def make_dp_stage(
-    tmp_path, net=None, subjects=6, unit="subject", k=1, sigma=0.0, lr=1.0, batch=2, epochs=1, prior=(), seed=0,
+    tmp_path,
+    net=None,
+    subjects=6,
+    unit="subject",
+    k=1,
+    sigma=0.0,
+    lr=1.0,
+    batch=2,
+    epochs=1,
+    prior=(),
+    seed=0,
     **settings,
 ) -> tuple[DPTrainingHandler, PrivacyUnits]:
     """A DP stage on tiny networks (handler + ledger); ``sigma=0`` switches the noise off (infinite target)."""
     net = net or tiny_unet()
     units = PrivacyUnits(Records(subjects), unit)
-    loss = LatentDiffusionUnitLoss(tiny_autoencoder(), DDPMScheduler(num_train_timesteps=50), noise_multiplicity=k, seed=seed)
+    loss = LatentDiffusionUnitLoss(
+        tiny_autoencoder(), DDPMScheduler(num_train_timesteps=50), noise_multiplicity=k, seed=seed
+    )
     settings.setdefault("target_epsilon", 10.0 if sigma != 0 else float("inf"))
     ledger = PrivacyLedger(
-        dp_settings(units, noise_multiplicity=k, logical_batch_size=batch, **settings), sample_rate(units, batch), epochs,
-        prior_stages=prior, path=str(tmp_path / "ledger.json"), noise_multiplier=sigma,
+        dp_settings(units, noise_multiplicity=k, logical_batch_size=batch, **settings),
+        sample_rate(units, batch),
+        epochs,
+        prior_stages=prior,
+        path=str(tmp_path / "ledger.json"),
+        noise_multiplier=sigma,
     )
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     handler = DPTrainingHandler(net, opt, ledger, loss, str(tmp_path / "report.json"), noise_seed=0)

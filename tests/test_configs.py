@@ -29,7 +29,14 @@ def _bundle_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # macros name configs/common.yaml relative to the bundle root
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.yaml") if not p.stem.startswith(("small_", "multi_gpu_", "schedule_"))))
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        p.stem
+        for p in (ROOT / "configs").glob("*.yaml")
+        if not p.stem.startswith(("small_", "multi_gpu_", "schedule_"))
+    ),
+)
 def test_every_config_parses(name):
     parser = parsed(name)
     assert parser.get("imports") or name == "common"
@@ -37,8 +44,12 @@ def test_every_config_parses(name):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_small_and_multi_gpu_variants_parse(stage):
-    small = {"train_autoencoder": "small_autoencoder", "train_diffusion": "small_diffusion",
-             "dp_finetune": "small_dp_finetune", "dp_finetune_autoencoder": "small_dp_finetune_autoencoder"}[stage]
+    small = {
+        "train_autoencoder": "small_autoencoder",
+        "train_diffusion": "small_diffusion",
+        "dp_finetune": "small_dp_finetune",
+        "dp_finetune_autoencoder": "small_dp_finetune_autoencoder",
+    }[stage]
     parsed(stage, small)
     parsed(stage, small, OVERLAYS[stage])
 

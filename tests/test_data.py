@@ -218,8 +218,16 @@ def test_bundle_run_exits_nonzero_naming_file(tmp_path, cohorts, bundle):
     cohort = _copy_cohort(cohorts["public"], tmp_path / "c")
     _set_first_row(cohort, "AGE", "old")
     proc = bundle(
-        "run", "training", "--config_file", "['configs/train_autoencoder.yaml','configs/small_autoencoder.yaml']",
-        "--dataset_dir", str(cohort), "--bundle_root", str(tmp_path / "b"), "--epochs", "1",
+        "run",
+        "training",
+        "--config_file",
+        "['configs/train_autoencoder.yaml','configs/small_autoencoder.yaml']",
+        "--dataset_dir",
+        str(cohort),
+        "--bundle_root",
+        str(tmp_path / "b"),
+        "--epochs",
+        "1",
     )
     assert proc.returncode != 0
     assert "attributes.csv, line 2: attribute 'AGE' must be a number" in proc.stderr + proc.stdout
@@ -329,8 +337,12 @@ def test_bad_volume_exits_cleanly_not_sigabrt(tmp_path, cohorts):
     ]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", BAD_LOAD, str(cohort / "datalist.json")], cwd=ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-c", BAD_LOAD, str(cohort / "datalist.json")],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for cohort, _ in runs
     ]

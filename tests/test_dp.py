@@ -12,14 +12,14 @@ import json
 
 import pytest
 import torch
-
-from helpers import Records, make_dp_stage, rdp_epsilon, tiny_unet
 from ignite.engine import Engine
 from torch import nn
 
 from scripts.privacy.accounting import compute_epsilon
 from scripts.privacy.units import PrivacyUnits
 from scripts.privacy.validation import apply_scope, validate_network
+
+from helpers import Records, make_dp_stage, rdp_epsilon, tiny_unet
 
 SHAPE = (1, 4, 16, 16)
 C = 1.0
@@ -209,7 +209,9 @@ def test_batchnorm_is_rejected_by_name():
 
 
 def test_dataset_smaller_than_logical_batch(tmp_path):
-    with pytest.raises(ValueError, match=r"has 3 privacy units \(subject-level, 6 records\), fewer than logical_batch_size=4"):
+    with pytest.raises(
+        ValueError, match=r"has 3 privacy units \(subject-level, 6 records\), fewer than logical_batch_size=4"
+    ):
         make_dp_stage(tmp_path, subjects=3, batch=4)
 
 
@@ -218,7 +220,9 @@ def test_unreachable_epsilon_says_what_would_work(tmp_path):
         make_dp_stage(tmp_path, sigma=None, target_epsilon=0.001, epochs=5)
 
 
-@pytest.mark.parametrize("setting,value", [("max_physical_batch_size", 0), ("max_grad_norm", 0.0), ("grad_sample_mode", "fast")])
+@pytest.mark.parametrize(
+    "setting,value", [("max_physical_batch_size", 0), ("max_grad_norm", 0.0), ("grad_sample_mode", "fast")]
+)
 def test_bad_clipping_settings_fail_before_any_file_is_written(tmp_path, setting, value):
     with pytest.raises(ValueError, match=setting if setting != "grad_sample_mode" else "fast"):
         make_dp_stage(tmp_path, sigma=1.0, **{setting: value})

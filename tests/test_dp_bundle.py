@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, mlflow_runs
 from scripts.files import sha256
 from scripts.privacy.accounting import compute_epsilon
+
+from conftest import ROOT, TINY, mlflow_runs
 
 DP = "['configs/dp_finetune.yaml','configs/small_dp_finetune.yaml']"
 # 6 private subjects -> 4 in the training split; logical batch 2 -> q = 0.5, 2 steps an epoch
@@ -27,7 +28,18 @@ def _copy_models(pretrained, root):
 
 
 def _dp(bundle, root, cohort, *extra, config=DP):
-    return bundle("run", "training", "--config_file", config, "--dataset_dir", str(cohort), "--bundle_root", str(root), *DP_TINY, *extra)
+    return bundle(
+        "run",
+        "training",
+        "--config_file",
+        config,
+        "--dataset_dir",
+        str(cohort),
+        "--bundle_root",
+        str(root),
+        *DP_TINY,
+        *extra,
+    )
 
 
 def test_dp_finetune_end_to_end(pretrained, cohorts, bundle, tmp_path):
@@ -63,7 +75,9 @@ def test_dp_finetune_end_to_end(pretrained, cohorts, bundle, tmp_path):
     assert len({m.timestamp for m in history}) == 1
     assert "Time taken" not in proc.stdout + proc.stderr and "it/s" not in proc.stdout + proc.stderr
     assert float(run.data.params["noise_multiplier"]) == pytest.approx(stage["noise_multiplier"])
-    assert {"privacy_report.json", "dp_finetune_samples.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"privacy_report.json", "dp_finetune_samples.png"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id)
+    }
     # nothing computed from the private data but epsilon is logged
     assert set(run.data.metrics) <= {"epsilon", "dp_steps"}
 
@@ -89,7 +103,9 @@ def test_dp_resume_continues_the_accounting(pretrained, cohorts, bundle, tmp_pat
     report = json.loads((tmp_path / "models" / "privacy_report.json").read_text())
     assert len(report["stages"]) == 1 and report["stages"][0]["noise_multiplier"] == sigma  # not re-calibrated
     assert report["stages"][0]["steps"] == 24
-    assert report["epsilon"] == pytest.approx(compute_epsilon(0.5, sigma, 24, 1e-5, "rdp")) and report["epsilon"] <= 10.0
+    assert (
+        report["epsilon"] == pytest.approx(compute_epsilon(0.5, sigma, 24, 1e-5, "rdp")) and report["epsilon"] <= 10.0
+    )
     ledger = json.loads((tmp_path / "models" / "dp_finetune_ledger.json").read_text())
     assert ledger["stages"][-1]["steps"] == 24 and ledger["status"] == "complete"
 
@@ -114,8 +130,19 @@ def _ledger_steps(path) -> int:
 
 def _start_dp(root, cohort, *extra):
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", DP, "--dataset_dir", str(cohort),
-        "--bundle_root", str(root), *DP_TINY, *extra,
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        DP,
+        "--dataset_dir",
+        str(cohort),
+        "--bundle_root",
+        str(root),
+        *DP_TINY,
+        *extra,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -126,7 +153,9 @@ def test_a_run_killed_before_its_first_checkpoint_keeps_every_step(pretrained, c
     _copy_models(pretrained, tmp_path)
     ledger = tmp_path / "models" / "dp_finetune_ledger.json"
     # record-level: 8 units, logical batch 1 -> q = 1/8, 8 steps before the first checkpoint
-    proc = _start_dp(tmp_path, cohorts["private"], "--privacy_unit", "record", "--logical_batch_size", "1", "--epochs", "3")
+    proc = _start_dp(
+        tmp_path, cohorts["private"], "--privacy_unit", "record", "--logical_batch_size", "1", "--epochs", "3"
+    )
     try:
         deadline = time.time() + 300
         while _ledger_steps(ledger) < 2 and proc.poll() is None and time.time() < deadline:
@@ -137,7 +166,9 @@ def test_a_run_killed_before_its_first_checkpoint_keeps_every_step(pretrained, c
         proc.communicate()
     killed = _ledger_steps(ledger)
     assert killed >= 2 and not (tmp_path / "models" / "dp_finetune_last.pt").exists()
-    rerun = _dp(bundle, tmp_path, cohorts["private"], "--privacy_unit", "record", "--logical_batch_size", "1", "--epochs", "1")
+    rerun = _dp(
+        bundle, tmp_path, cohorts["private"], "--privacy_unit", "record", "--logical_batch_size", "1", "--epochs", "1"
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "left no checkpoint; its privacy cost is composed" in rerun.stdout + rerun.stderr
     report = json.loads((tmp_path / "models" / "privacy_report.json").read_text())
@@ -165,7 +196,10 @@ def test_a_second_run_on_the_same_bundle_root_is_refused(pretrained, cohorts, bu
 def test_dp_errors_name_the_cause(pretrained, cohorts, bundle, tmp_path):
     missing = _dp(bundle, tmp_path / "empty", cohorts["private"], "--epochs", "1")
     assert missing.returncode != 0
-    assert "diffusion.pt not found; it is produced by: python -m monai.bundle run training --config_file configs/train_diffusion.yaml" in missing.stderr
+    assert (
+        "diffusion.pt not found; it is produced by: python -m monai.bundle run training --config_file "
+        "configs/train_diffusion.yaml" in missing.stderr
+    )
     _copy_models(pretrained, tmp_path)
     too_big = _dp(bundle, tmp_path, cohorts["private"], "--epochs", "1", "--logical_batch_size", "16")
     assert too_big.returncode != 0 and "fewer than logical_batch_size=16" in too_big.stderr
@@ -177,14 +211,32 @@ def test_dp_errors_name_the_cause(pretrained, cohorts, bundle, tmp_path):
 def test_dp_autoencoder_ledger_is_composed_into_the_report(pretrained, cohorts, bundle, tmp_path):
     _copy_models(pretrained, tmp_path)
     config = "['configs/dp_finetune_autoencoder.yaml','configs/small_dp_finetune_autoencoder.yaml']"
-    ae = _dp(bundle, tmp_path, cohorts["private"], "--epochs", "1", "--target_epsilon", "3", "--accountant", "rdp", config=config)
+    ae = _dp(
+        bundle,
+        tmp_path,
+        cohorts["private"],
+        "--epochs",
+        "1",
+        "--target_epsilon",
+        "3",
+        "--accountant",
+        "rdp",
+        config=config,
+    )
     assert ae.returncode == 0, ae.stderr[-3000:]
     ae_ckpt = torch.load(tmp_path / "models" / "autoencoder_dp.pt", weights_only=False)
     public = torch.load(tmp_path / "models" / "autoencoder.pt", weights_only=False)
     assert float(ae_ckpt["network"]["scale_factor"]) == float(public["network"]["scale_factor"])  # never re-estimated
     ldm = _dp(
-        bundle, tmp_path, cohorts["private"], "--epochs", "1", "--accountant", "rdp",
-        "--autoencoder_path", str(tmp_path / "models" / "autoencoder_dp.pt"),
+        bundle,
+        tmp_path,
+        cohorts["private"],
+        "--epochs",
+        "1",
+        "--accountant",
+        "rdp",
+        "--autoencoder_path",
+        str(tmp_path / "models" / "autoencoder_dp.pt"),
     )
     assert ldm.returncode == 0, ldm.stderr[-3000:]
     report = json.loads((tmp_path / "models" / "privacy_report.json").read_text())
@@ -199,11 +251,25 @@ def test_distributed_dp_step_equals_single_process(tmp_path):
     the real distributed sampler takes every planned step on every rank and includes each unit with rate q."""
     script = str(ROOT / "tests" / "dp_distributed_check.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, script, str(tmp_path / "one.json")], cwd=ROOT, capture_output=True, text=True, env=env)
+    single = subprocess.run(
+        [sys.executable, script, str(tmp_path / "one.json")], cwd=ROOT, capture_output=True, text=True, env=env
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     multi = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, str(tmp_path / "two.json")],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            script,
+            str(tmp_path / "two.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert multi.returncode == 0, multi.stderr[-3000:]
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
@@ -232,11 +298,28 @@ def test_distributed_dp_step_equals_single_process(tmp_path):
 def test_multi_process_dp_finetune_bundle(pretrained, cohorts, tmp_path):
     _copy_models(pretrained, tmp_path)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "training",
-        "--config_file", "['configs/dp_finetune.yaml','configs/small_dp_finetune.yaml','configs/multi_gpu_dp_finetune.yaml']",
-        "--dataset_dir", str(cohorts["private"]), "--bundle_root", str(tmp_path), *DP_TINY, "--epochs", "1",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "['configs/dp_finetune.yaml','configs/small_dp_finetune.yaml','configs/multi_gpu_dp_finetune.yaml']",
+        "--dataset_dir",
+        str(cohorts["private"]),
+        "--bundle_root",
+        str(tmp_path),
+        *DP_TINY,
+        "--epochs",
+        "1",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, MPLBACKEND="Agg"))
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, MPLBACKEND="Agg")
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "models" / "privacy_report.json").read_text())
     stage = report["stages"][0]

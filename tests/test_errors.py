@@ -51,7 +51,12 @@ def test_compact_report_only_for_bundle_errors():
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
         env=dict(os.environ, OMP_NUM_THREADS="1", **env),
     )
 
@@ -69,8 +74,17 @@ def test_hook_is_compact_for_bundle_errors_and_keeps_tracebacks_of_bugs():
 def test_bundle_run_with_wrong_type_override_ends_with_the_problem(bundle, tmp_path, cohorts):
     """--epochs abc: a few lines whose last names the option and its form (was a TypeError deep in Ignite)."""
     proc = bundle(
-        "run", "training", "--config_file", AE, "--dataset_dir", str(cohorts["public"]), "--bundle_root", str(tmp_path),
-        *TINY, "--epochs", "abc",
+        "run",
+        "training",
+        "--config_file",
+        AE,
+        "--dataset_dir",
+        str(cohorts["public"]),
+        "--bundle_root",
+        str(tmp_path),
+        *TINY,
+        "--epochs",
+        "abc",
     )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()

@@ -91,7 +91,11 @@ def test_killed_writer_leaves_no_artefact_and_the_next_stage_removes_its_temp(tm
     (out / "good.nii.gz").write_bytes(b"earlier")
     (out / "notes.txt").write_text("keep")
     proc = subprocess.run(
-        [sys.executable, "-c", KILLED_WRITER, str(out / "good.nii.gz")], cwd=ROOT, capture_output=True, timeout=120, check=False,
+        [sys.executable, "-c", KILLED_WRITER, str(out / "good.nii.gz")],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+        check=False,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     assert proc.returncode == -9

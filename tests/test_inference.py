@@ -61,16 +61,30 @@ def tiny_bundle(tmp_path_factory):
     models.mkdir()
     torch.manual_seed(0)
     ae = SliceAutoencoder(
-        in_channels=1, out_channels=1, channels=[8, 16, 16], latent_channels=4, num_res_blocks=1,
-        attention_levels=[False, False, False], norm_num_groups=8,
-        with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
+        in_channels=1,
+        out_channels=1,
+        channels=[8, 16, 16],
+        latent_channels=4,
+        num_res_blocks=1,
+        attention_levels=[False, False, False],
+        norm_num_groups=8,
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
     )
     ae.scale_factor.fill_(0.8)
     ae.scale_factor_measured.fill_(True)
     torch.save({"network": ae.state_dict(), "architecture": ae.init_kwargs}, models / "autoencoder.pt")
     net = ConditionalDiffusionUNet(
-        attribute_dim=16, attribute_heads=2, spatial_dims=3, in_channels=4, out_channels=4, channels=[16, 32],
-        attention_levels=[False, True], num_res_blocks=1, num_head_channels=[0, 16], norm_num_groups=8,
+        attribute_dim=16,
+        attribute_heads=2,
+        spatial_dims=3,
+        in_channels=4,
+        out_channels=4,
+        channels=[16, 32],
+        attention_levels=[False, True],
+        num_res_blocks=1,
+        num_head_channels=[0, 16],
+        norm_num_groups=8,
     )
     with torch.no_grad():
         for p in net.parameters():
@@ -79,17 +93,30 @@ def tiny_bundle(tmp_path_factory):
     ema = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
     torch.save(
         {
-            "network": net.state_dict(), "ema": ema, "dp": {"steps_done": 4}, "architecture": net.init_kwargs,
-            "latent_shape": [4, 8, 12, 12], "spatial_size": [8, 48, 48], "scale_factor": 0.8,
-            "autoencoder": str(models / "autoencoder.pt"), "scheduler": dict(SCHEDULE),
+            "network": net.state_dict(),
+            "ema": ema,
+            "dp": {"steps_done": 4},
+            "architecture": net.init_kwargs,
+            "latent_shape": [4, 8, 12, 12],
+            "spatial_size": [8, 48, 48],
+            "scale_factor": 0.8,
+            "autoencoder": str(models / "autoencoder.pt"),
+            "scheduler": dict(SCHEDULE),
             "pretrained": str(models / "diffusion.pt"),
         },
         models / "model.pt",
     )
     report = {
-        "epsilon": 7.9, "delta": 1e-5, "privacy_unit": "subject", "accountant": "prv", "status": "complete",
-        "stages": [], "model": str(models / "model.pt"), "model_sha256": sha256(str(models / "model.pt")),
-        "autoencoder_sha256": sha256(str(models / "autoencoder.pt")), "covers": "subject-level DP of the private training data",
+        "epsilon": 7.9,
+        "delta": 1e-5,
+        "privacy_unit": "subject",
+        "accountant": "prv",
+        "status": "complete",
+        "stages": [],
+        "model": str(models / "model.pt"),
+        "model_sha256": sha256(str(models / "model.pt")),
+        "autoencoder_sha256": sha256(str(models / "autoencoder.pt")),
+        "covers": "subject-level DP of the private training data",
     }
     (models / "privacy_report.json").write_text(json.dumps(report))
     return root
@@ -126,7 +153,12 @@ def test_requests_partial_attributes_counts_seeds(tmp_path, attribute_ranges):
     samples = plan_samples(requests, seed=7)
     # a row seed gives seed + k to its k-th sample; other samples get the run seed + their position
     assert [(s.request.row, s.index, s.seed) for s in samples] == [
-        (0, 0, 100), (0, 1, 101), (1, 0, 9), (2, 0, 10), (2, 1, 11), (2, 2, 12)
+        (0, 0, 100),
+        (0, 1, 101),
+        (1, 0, 9),
+        (2, 0, 10),
+        (2, 1, 11),
+        (2, 2, 12),
     ]
     assert samples[1].stem == "row0000_sample001"
 
@@ -138,7 +170,11 @@ def test_requests_partial_attributes_counts_seeds(tmp_path, attribute_ranges):
         ("LVEDV,LVESV\n150,abc\n", ["row 0 (line 2)", "'LVESV' must be a number or blank (missing)", "'abc'"]),
         (
             "LVEDV\n150\n500\n",
-            ["row 1 (line 3), column 'LVEDV'", "outside the reference range [40, 400] (ml)", "--clip_out_of_range True"],
+            [
+                "row 1 (line 3), column 'LVEDV'",
+                "outside the reference range [40, 400] (ml)",
+                "--clip_out_of_range True",
+            ],
         ),
         ("SEX\n0.5\n", ["row 0 (line 2), column 'SEX'", "expected 0 or 1"]),
         ("LVEDV,count\n150,0\n", ["column 'count'", "expected an integer in [1,"]),
@@ -237,7 +273,12 @@ def test_guidance_changes_output_and_doubles_evaluations(loaded, attribute_range
 def _provenance(tiny_bundle, synth):
     models = tiny_bundle / "models"
     return make_provenance(
-        str(models / "model.pt"), str(models / "autoencoder.pt"), str(models / "privacy_report.json"), "0.1.0", "ema", synth
+        str(models / "model.pt"),
+        str(models / "autoencoder.pt"),
+        str(models / "privacy_report.json"),
+        "0.1.0",
+        "ema",
+        synth,
     )
 
 
@@ -247,12 +288,15 @@ def test_run_writes_nifti_sidecars_manifest_preview(tiny_bundle, loaded, attribu
     synth = _synth(loaded, attribute_ranges)
     info = _provenance(tiny_bundle, synth)
     out = tmp_path / "run"
-    summary = run_inference(requests, synth, str(out), info, spacing=(1.5, 1.6, 8.0), batch_size=2, seed=3, progress=False)
+    summary = run_inference(
+        requests, synth, str(out), info, spacing=(1.5, 1.6, 8.0), batch_size=2, seed=3, progress=False
+    )
     assert summary["samples"] == 3 and summary["unet_evaluations_per_volume"] == 6
     with open(out / "manifest.csv") as f:
         manifest = list(csv.DictReader(f))
     assert [(m["file"], m["row"], m["sample"], m["seed"]) for m in manifest] == [
-        ("row0000_sample000.nii.gz", "0", "0", "11"), ("row0000_sample001.nii.gz", "0", "1", "12"),
+        ("row0000_sample000.nii.gz", "0", "0", "11"),
+        ("row0000_sample001.nii.gz", "0", "1", "12"),
         ("row0001_sample000.nii.gz", "1", "0", "5"),
     ]
     assert manifest[0]["LVEDV"] == "150" and manifest[0]["AGE"] == "" and manifest[2]["ESED"] == "0"
@@ -281,7 +325,9 @@ def test_run_writes_nifti_sidecars_manifest_preview(tiny_bundle, loaded, attribu
     assert (out / "preview.png").stat().st_size > 0
     assert not [n for n in os.listdir(out) if n.startswith(".")]  # atomic writes leave no temp files
     # a second run with the same request and batch size writes the same image bytes
-    run_inference(requests, synth, str(tmp_path / "again"), info, spacing=(1.5, 1.6, 8.0), batch_size=2, seed=3, progress=False)
+    run_inference(
+        requests, synth, str(tmp_path / "again"), info, spacing=(1.5, 1.6, 8.0), batch_size=2, seed=3, progress=False
+    )
     for name in ("row0000_sample000.nii.gz", "row0001_sample000.nii.gz"):
         assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
 
@@ -349,7 +395,9 @@ def test_missing_weights_name_the_stage(tiny_bundle, tmp_path):
         load_model(str(tmp_path / "models" / "model.pt"), bundle_root=str(tmp_path))
     assert "python -m monai.bundle run training --config_file configs/dp_finetune.yaml" in str(err.value)
     assert "download_large_files" not in str(err.value)  # large_files.yml lists no weights
-    (tmp_path / "large_files.yml").write_text("large_files:\n  - path: models/model.pt\n    url: https://example.org/m.pt\n")
+    (tmp_path / "large_files.yml").write_text(
+        "large_files:\n  - path: models/model.pt\n    url: https://example.org/m.pt\n"
+    )
     with pytest.raises(FileNotFoundError, match="python -m monai.bundle download_large_files"):
         load_model(str(tmp_path / "models" / "model.pt"), bundle_root=str(tmp_path))
     _, info = load_model(str(tiny_bundle / "models" / "model.pt"))
@@ -380,8 +428,15 @@ def test_sweep_in_process_esed(tiny_bundle, loaded, attribute_ranges, tmp_path):
     base = tmp_path / "base.csv"
     base.write_text("LVEDV,ESED,seed\n150,1,4\n")
     png = run_sweep(
-        "ESED", synth, str(tmp_path / "sweep"), _provenance(tiny_bundle, synth), {}, attribute_ranges, {},
-        base_csv=str(base), batch_size=2,
+        "ESED",
+        synth,
+        str(tmp_path / "sweep"),
+        _provenance(tiny_bundle, synth),
+        {},
+        attribute_ranges,
+        {},
+        base_csv=str(base),
+        batch_size=2,
     )
     meta = json.loads((tmp_path / "sweep" / "sweep_ESED.json").read_text())
     assert os.path.isfile(png) and meta["values"] == [0.0, 1.0] and meta["seed"] == 4 and meta["rows"] == ["ESED 1"]
@@ -395,14 +450,31 @@ def test_bundle_inference_end_to_end(tiny_bundle, bundle, tmp_path, monkeypatch)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     csv_path = _write_csv(tmp_path / "req.csv", "LVEDV,LVESV,LVEF,SEX,count,seed\n150,60,60,1,2,5\n,,,0,,\n")
     out = tmp_path / "out"
-    args = ["--config_file", "configs/inference.yaml", "--attributes_csv", csv_path, "--output_dir", str(out),
-            "--bundle_root", str(tiny_bundle), "--device", "cpu", *STEPS]
+    args = [
+        "--config_file",
+        "configs/inference.yaml",
+        "--attributes_csv",
+        csv_path,
+        "--output_dir",
+        str(out),
+        "--bundle_root",
+        str(tiny_bundle),
+        "--device",
+        "cpu",
+        *STEPS,
+    ]
     proc = bundle("run", "inference", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = sorted(os.listdir(out))
     assert names == [
-        "manifest.csv", "preview.png", "row0000_sample000.json", "row0000_sample000.nii.gz",
-        "row0000_sample001.json", "row0000_sample001.nii.gz", "row0001_sample000.json", "row0001_sample000.nii.gz",
+        "manifest.csv",
+        "preview.png",
+        "row0000_sample000.json",
+        "row0000_sample000.nii.gz",
+        "row0000_sample001.json",
+        "row0000_sample001.nii.gz",
+        "row0001_sample000.json",
+        "row0001_sample000.nii.gz",
     ]
     side = json.loads((out / "row0001_sample000.json").read_text())
     assert side["seed"] == 2 and side["steps"] == 3 and side["sampler"] == "ddim" and side["guidance_scale"] == 2.0
@@ -414,12 +486,30 @@ def test_bundle_inference_end_to_end(tiny_bundle, bundle, tmp_path, monkeypatch)
     assert again.returncode != 0 and "already holds a synthesis run" in again.stderr
     # bad input stops before any weights are loaded, naming file, row and column
     bad = _write_csv(tmp_path / "bad.csv", "LVEDV,LVESV\n150,lots\n")
-    proc = bundle("run", "inference", *args[:2], "--attributes_csv", bad, "--output_dir", str(tmp_path / "o2"),
-                  "--bundle_root", str(tmp_path / "no_models"))
+    proc = bundle(
+        "run",
+        "inference",
+        *args[:2],
+        "--attributes_csv",
+        bad,
+        "--output_dir",
+        str(tmp_path / "o2"),
+        "--bundle_root",
+        str(tmp_path / "no_models"),
+    )
     assert proc.returncode != 0
     assert f"{bad}, row 0 (line 2): attribute 'LVESV' must be a number or blank (missing), got 'lots'" in proc.stderr
-    missing = bundle("run", "inference", *args[:2], "--attributes_csv", csv_path, "--output_dir", str(tmp_path / "o3"),
-                     "--bundle_root", str(tmp_path / "no_models"))
+    missing = bundle(
+        "run",
+        "inference",
+        *args[:2],
+        "--attributes_csv",
+        csv_path,
+        "--output_dir",
+        str(tmp_path / "o3"),
+        "--bundle_root",
+        str(tmp_path / "no_models"),
+    )
     assert missing.returncode != 0
     stage = "python -m monai.bundle run training --config_file configs/dp_finetune.yaml"
     assert f"they are produced by the DP fine-tuning stage: {stage}" in missing.stderr
@@ -428,8 +518,21 @@ def test_bundle_inference_end_to_end(tiny_bundle, bundle, tmp_path, monkeypatch)
 def test_bundle_sweep_png(tiny_bundle, bundle, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     proc = bundle(
-        "run", "sweep", "--config_file", "configs/inference.yaml", "--attribute", "LVEDV", "--sweep_count", "3",
-        "--output_dir", str(tmp_path), "--bundle_root", str(tiny_bundle), "--device", "cpu", *STEPS,
+        "run",
+        "sweep",
+        "--config_file",
+        "configs/inference.yaml",
+        "--attribute",
+        "LVEDV",
+        "--sweep_count",
+        "3",
+        "--output_dir",
+        str(tmp_path),
+        "--bundle_root",
+        str(tiny_bundle),
+        "--device",
+        "cpu",
+        *STEPS,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "sweep_LVEDV.png").stat().st_size > 0

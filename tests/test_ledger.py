@@ -6,19 +6,30 @@ import json
 import logging
 
 import pytest
-from helpers import rdp_epsilon
 
 from scripts.privacy.accounting import compute_epsilon
 from scripts.privacy.ledger import PrivacyLedger, ancestors, read_report, report_summary
+
+from helpers import rdp_epsilon
 
 N = 50  # units
 
 
 def settings(**overrides) -> dict:
     s = {
-        "stage": "diffusion_dp_finetune", "dataset": "private/datalist.json", "privacy_unit": "subject", "units": N,
-        "records": 2 * N, "target_epsilon": 10.0, "delta": 1e-5, "accountant": "rdp", "max_grad_norm": 1.0,
-        "noise_multiplicity": 1, "logical_batch_size": 10, "max_physical_batch_size": 4, "grad_sample_mode": "loop",
+        "stage": "diffusion_dp_finetune",
+        "dataset": "private/datalist.json",
+        "privacy_unit": "subject",
+        "units": N,
+        "records": 2 * N,
+        "target_epsilon": 10.0,
+        "delta": 1e-5,
+        "accountant": "rdp",
+        "max_grad_norm": 1.0,
+        "noise_multiplicity": 1,
+        "logical_batch_size": 10,
+        "max_physical_batch_size": 4,
+        "grad_sample_mode": "loop",
         "finetune_scope": "attention",
     }
     s.update(overrides)
@@ -26,13 +37,25 @@ def settings(**overrides) -> dict:
 
 
 def ledger(tmp_path, sigma=1.0, epochs=2, prior=(), **overrides) -> PrivacyLedger:
-    return PrivacyLedger(settings(**overrides), 0.2, epochs, prior_stages=prior, path=str(tmp_path / "ledger.json"),
-                         noise_multiplier=sigma)
+    return PrivacyLedger(
+        settings(**overrides),
+        0.2,
+        epochs,
+        prior_stages=prior,
+        path=str(tmp_path / "ledger.json"),
+        noise_multiplier=sigma,
+    )
 
 
 AE_STAGE = {
-    "stage": "autoencoder_dp_finetune", "noise_multiplier": 2.0, "sample_rate": 1 / 3, "steps": 6, "delta": 1e-5,
-    "accountant": "rdp", "privacy_unit": "subject", "started": "2026-01-01T00:00:00",
+    "stage": "autoencoder_dp_finetune",
+    "noise_multiplier": 2.0,
+    "sample_rate": 1 / 3,
+    "steps": 6,
+    "delta": 1e-5,
+    "accountant": "rdp",
+    "privacy_unit": "subject",
+    "started": "2026-01-01T00:00:00",
 }
 
 
@@ -50,7 +73,14 @@ def test_report_composes_stages_with_the_accountant_without_any_network(tmp_path
     assert report["epsilon"] <= 10.0  # calibrated for the whole ledger
     assert report["privacy_unit"] == "subject" and "model" not in report  # a file that does not exist is not named
     not_covered = " ".join(report["not_covered"])
-    for words in ("separate release", "repeated runs", "hyper-parameter", "timing", "evaluation", "another autoencoder"):
+    for words in (
+        "separate release",
+        "repeated runs",
+        "hyper-parameter",
+        "timing",
+        "evaluation",
+        "another autoencoder",
+    ):
         assert words in not_covered
     assert any(f"n = {N}" in a and "public" in a for a in report["assumptions"])
     assert "diffusion_dp_finetune" in report_summary(str(tmp_path / "report.json"))

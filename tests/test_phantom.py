@@ -355,10 +355,12 @@ def test_failed_run_replaces_nothing(tmp_path, monkeypatch):
     generate_cohort(public, subjects=1, domain="public", seed=0, image_size=(64, 64), progress=False)
     before = all_files(public)
     with pytest.raises(ValueError, match=r"private cohort .*: subjects must be an integer >= 1 .*got 'abc'"):
-        generate_cohorts([
-            CohortSpec(public, subjects=2, domain="public", overwrite=True, progress=False),
-            CohortSpec(private, subjects="abc", domain="private", overwrite=True, progress=False),
-        ])
+        generate_cohorts(
+            [
+                CohortSpec(public, subjects=2, domain="public", overwrite=True, progress=False),
+                CohortSpec(private, subjects="abc", domain="private", overwrite=True, progress=False),
+            ]
+        )
     assert all_files(public) == before and not private.exists()
 
     real = scripts.phantom._write_subject
@@ -386,8 +388,17 @@ def test_bundle_phantom_with_bad_argument_keeps_data(tmp_path, bundle):
     (tmp_path / ".public.0badcafe.part").mkdir()  # a staging folder of a killed run
     before = all_files(public)
     proc = bundle(
-        "run", "--config_file", "configs/phantom.yaml", "--public_dir", str(public), "--private_dir",
-        str(tmp_path / "private"), "--public_subjects", "1", "--private_subjects", "abc",
+        "run",
+        "--config_file",
+        "configs/phantom.yaml",
+        "--public_dir",
+        str(public),
+        "--private_dir",
+        str(tmp_path / "private"),
+        "--public_subjects",
+        "1",
+        "--private_subjects",
+        "abc",
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: private cohort (")
@@ -404,5 +415,9 @@ def test_overwrite_keeps_other_files_and_cleans_stale_staging(tmp_path):
     (tmp_path / ".cohort.12345678.part").mkdir()
     generate_cohort(out, subjects=1, domain="private", seed=2, image_size=(64, 64), overwrite=True, progress=False)
     assert (out / "notes.txt").read_text() == "keep" and (out / "images" / "extra.txt").read_text() == "keep too"
-    assert sorted(p.name for p in (out / "images").iterdir()) == ["extra.txt", "sub-0000_ED.nii.gz", "sub-0000_ES.nii.gz"]
+    assert sorted(p.name for p in (out / "images").iterdir()) == [
+        "extra.txt",
+        "sub-0000_ED.nii.gz",
+        "sub-0000_ES.nii.gz",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort"]

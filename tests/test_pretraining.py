@@ -45,7 +45,12 @@ def test_diffusion_checkpoint_learns_and_is_tracked(pretrained):
     ae = torch.load(pretrained / "models" / "autoencoder.pt", weights_only=False)
     assert ckpt["scale_factor"] == pytest.approx(float(ae["network"]["scale_factor"]))
     assert ckpt["latent_shape"] == [4, 8, 12, 12]
-    assert ckpt["scheduler"] == {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1e-4, "beta_end": 7e-2}
+    assert ckpt["scheduler"] == {
+        "num_train_timesteps": 150,
+        "schedule": "linear_beta",
+        "beta_start": 1e-4,
+        "beta_end": 7e-2,
+    }
     net = ConditionalDiffusionUNet(**ckpt["architecture"])
     net.load_state_dict(ckpt["ema"])
     client, runs = mlflow_runs(pretrained, "diffusion_")
@@ -83,8 +88,16 @@ def test_unmeasured_scale_factor_is_rejected(pretrained, tmp_path):
 def test_masked_attributes_do_not_change_the_output():
     torch.manual_seed(0)
     net = ConditionalDiffusionUNet(
-        attribute_dim=16, attribute_heads=2, spatial_dims=3, in_channels=4, out_channels=4, channels=[16, 32],
-        attention_levels=[False, True], num_res_blocks=1, num_head_channels=[0, 8], norm_num_groups=8,
+        attribute_dim=16,
+        attribute_heads=2,
+        spatial_dims=3,
+        in_channels=4,
+        out_channels=4,
+        channels=[16, 32],
+        attention_levels=[False, True],
+        num_res_blocks=1,
+        num_head_channels=[0, 8],
+        norm_num_groups=8,
     ).eval()
     with torch.no_grad():  # MONAI zero-initialises the output conv; give every weight a value
         for p in net.parameters():
@@ -120,8 +133,21 @@ def test_resume_continues_exactly(pretrained, tmp_path, cohorts, bundle):
 
 def test_wrong_latent_shape_is_a_clear_error(pretrained, cohorts, bundle):
     proc = bundle(
-        "run", "training", "--config_file", LDM, "--dataset_dir", str(cohorts["public"]), "--bundle_root", str(pretrained),
-        *TINY, "--latent_shape", "[4,8,10,10]", "--epochs", "1", "--resume", "False",
+        "run",
+        "training",
+        "--config_file",
+        LDM,
+        "--dataset_dir",
+        str(cohorts["public"]),
+        "--bundle_root",
+        str(pretrained),
+        *TINY,
+        "--latent_shape",
+        "[4,8,10,10]",
+        "--epochs",
+        "1",
+        "--resume",
+        "False",
     )
     assert proc.returncode != 0
     assert "config field 'latent_shape': [4, 8, 10, 10]" in proc.stderr and "expected [4, 8, 12, 12]" in proc.stderr
@@ -134,8 +160,20 @@ def test_unknown_attribute_in_config_is_a_clear_error(pretrained, cohorts, bundl
     extra.write_text(yaml.safe_dump({"attribute_ranges": dict(attribute_ranges, LVMASS=[50.0, 300.0])}))
     files = f"['configs/train_diffusion.yaml','configs/small_diffusion.yaml','{extra}']"
     proc = bundle(
-        "run", "training", "--config_file", files, "--dataset_dir", str(cohorts["public"]), "--bundle_root", str(pretrained),
-        *TINY, *LATENT, "--epochs", "1", "--resume", "False",
+        "run",
+        "training",
+        "--config_file",
+        files,
+        "--dataset_dir",
+        str(cohorts["public"]),
+        "--bundle_root",
+        str(pretrained),
+        *TINY,
+        *LATENT,
+        "--epochs",
+        "1",
+        "--resume",
+        "False",
     )
     assert proc.returncode != 0
     assert "config field 'attribute_ranges': unknown attribute(s) ['LVMASS']" in proc.stderr
@@ -159,11 +197,29 @@ def test_multi_process_diffusion_with_gloo(pretrained, tmp_path, cohorts):
 
     shutil.copytree(pretrained / "models", tmp_path / "models", ignore=shutil.ignore_patterns("diffusion*"))
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "training",
-        "--config_file", "['configs/train_diffusion.yaml','configs/small_diffusion.yaml','configs/multi_gpu_train.yaml']",
-        "--dataset_dir", str(cohorts["public"]), "--bundle_root", str(tmp_path), *TINY, *LATENT, "--epochs", "2",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "['configs/train_diffusion.yaml','configs/small_diffusion.yaml','configs/multi_gpu_train.yaml']",
+        "--dataset_dir",
+        str(cohorts["public"]),
+        "--bundle_root",
+        str(tmp_path),
+        *TINY,
+        *LATENT,
+        "--epochs",
+        "2",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, MPLBACKEND="Agg"), check=False)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, MPLBACKEND="Agg"), check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "models" / "diffusion.pt", weights_only=False)
     assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]
@@ -232,9 +288,15 @@ def _tiny_autoencoder_checkpoint(path):
     from scripts.networks import SliceAutoencoder
 
     ae = SliceAutoencoder(
-        in_channels=1, out_channels=1, channels=[8, 8], latent_channels=2, num_res_blocks=1,
-        attention_levels=[False, False], norm_num_groups=8,
-        with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
+        in_channels=1,
+        out_channels=1,
+        channels=[8, 8],
+        latent_channels=2,
+        num_res_blocks=1,
+        attention_levels=[False, False],
+        norm_num_groups=8,
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
     )
     ae.scale_factor_measured.fill_(True)
     torch.save({"network": ae.state_dict(), "architecture": ae.init_kwargs}, path)
@@ -252,7 +314,9 @@ def test_corrupt_checkpoints_are_named(tmp_path):
     text.write_text("this is not a checkpoint\n")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    ae_stage = "expected the file written by: python -m monai.bundle run training --config_file configs/train_autoencoder.yaml"
+    ae_stage = (
+        "expected the file written by: python -m monai.bundle run training --config_file configs/train_autoencoder.yaml"
+    )
     for bad in (text, truncated):
         with pytest.raises(CheckpointError) as err:
             load_autoencoder(str(bad))
@@ -267,13 +331,17 @@ def test_corrupt_checkpoints_are_named(tmp_path):
         load_autoencoder(str(diffusion_like))
     wrong_weights = tmp_path / "wrong.pt"
     torch.save({"network": {"x": torch.zeros(1)}, "architecture": {"in_channels": 1, "bogus": 3}}, wrong_weights)
-    with pytest.raises(CheckpointError, match=r"wrong\.pt: its 'network' weights and 'architecture' do not make a SliceAutoencoder"):
+    with pytest.raises(
+        CheckpointError, match=r"wrong\.pt: its 'network' weights and 'architecture' do not make a SliceAutoencoder"
+    ):
         load_autoencoder(str(wrong_weights))
     with pytest.raises(MissingInputError, match="configs/train_autoencoder.yaml"):
         load_autoencoder(str(tmp_path / "absent.pt"))
     with pytest.raises(CheckpointError, match=r"text\.pt: not a readable PyTorch checkpoint.*--resume False"):
         resume(str(text), {}, None)
-    with pytest.raises(CheckpointError, match=r"autoencoder\.pt: resume checkpoint lacks \['trainer'\].*--resume False"):
+    with pytest.raises(
+        CheckpointError, match=r"autoencoder\.pt: resume checkpoint lacks \['trainer'\].*--resume False"
+    ):
         resume(str(good), {}, None)
 
 

@@ -46,10 +46,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.optimize import brentq
-from scipy.special import gammaln, log_ndtr, ndtr
+from scipy.special import log_ndtr, ndtr
+
+from scripts.privacy.accounting import calibrate_noise, compose_epsilon, compute_epsilon, main
 
 from helpers import RDP_ORDERS, rdp_epsilon, rdp_sgm_step  # noqa: F401  (independent RDP, shared with other tests)
-from scripts.privacy.accounting import calibrate_noise, compose_epsilon, compute_epsilon, main
 
 REPO = Path(__file__).resolve().parents[1]
 PRV_EPS_ERROR = 0.01  # Opacus's default, absolute, added to the PRV estimate
@@ -218,7 +219,7 @@ PLD_CASES = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pld_both(stages: tuple, delta: float) -> tuple[float, float]:
     return pld_epsilon(stages, delta, "remove"), pld_epsilon(stages, delta, "add")
 
@@ -270,7 +271,7 @@ def test_prv_failure_falls_back_to_rdp():
 CAL_Q, CAL_STEPS, CAL_DELTA, CAL_TOL = 0.01, 1000, 1e-5, 0.01
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _calibrated(target: float, accountant: str) -> float:
     return calibrate_noise(target, CAL_DELTA, CAL_Q, CAL_STEPS, accountant, CAL_TOL)
 
@@ -365,9 +366,7 @@ def test_calibrate_noise_rejects_absurd_input(kwargs, name):
         calibrate_noise(**{**args, **kwargs})
 
 
-@pytest.mark.parametrize(
-    "history", [[(1.0, 0.01)], [(1.0, 0.0, 10)], [(-1.0, 0.01, 10)], [(1.0, 0.01, 0)], "abc"]
-)
+@pytest.mark.parametrize("history", [[(1.0, 0.01)], [(1.0, 0.0, 10)], [(-1.0, 0.01, 10)], [(1.0, 0.01, 0)], "abc"])
 def test_compose_epsilon_rejects_bad_history(history):
     with pytest.raises(ValueError, match="history"):
         compose_epsilon(history, 1e-5)
@@ -387,8 +386,19 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_epsilon_prints_json_matching_function():
-    out = _cli("epsilon", "--sample_rate", "0.01", "--noise_multiplier", "1.0",
-               "--steps", "1000", "--delta", "1e-5", "--accountant", "rdp")
+    out = _cli(
+        "epsilon",
+        "--sample_rate",
+        "0.01",
+        "--noise_multiplier",
+        "1.0",
+        "--steps",
+        "1000",
+        "--delta",
+        "1e-5",
+        "--accountant",
+        "rdp",
+    )
     assert out.returncode == 0, out.stderr
     record = json.loads(out.stdout)
     assert record["sample_rate"] == 0.01 and record["noise_multiplier"] == 1.0
@@ -398,8 +408,19 @@ def test_cli_epsilon_prints_json_matching_function():
 
 
 def test_cli_noise_prints_json_matching_function():
-    out = _cli("noise", "--target_epsilon", "2", "--delta", "1e-5", "--sample_rate", "0.01",
-               "--steps", "1000", "--accountant", "rdp")
+    out = _cli(
+        "noise",
+        "--target_epsilon",
+        "2",
+        "--delta",
+        "1e-5",
+        "--sample_rate",
+        "0.01",
+        "--steps",
+        "1000",
+        "--accountant",
+        "rdp",
+    )
     assert out.returncode == 0, out.stderr
     record = json.loads(out.stdout)
     sigma = _calibrated(2.0, "rdp")
@@ -411,8 +432,7 @@ def test_cli_noise_prints_json_matching_function():
 
 
 def test_cli_bad_argument_fails_cleanly():
-    out = _cli("epsilon", "--sample_rate", "0.01", "--noise_multiplier", "1.0",
-               "--steps", "1000", "--delta", "2")
+    out = _cli("epsilon", "--sample_rate", "0.01", "--noise_multiplier", "1.0", "--steps", "1000", "--delta", "2")
     assert out.returncode != 0
     assert "delta" in out.stderr and "(0, 1)" in out.stderr
     assert "Traceback" not in out.stderr and out.stdout == ""
@@ -423,13 +443,11 @@ def test_cli_bad_argument_fails_cleanly():
     [
         ("epsilon --sample_rate 0 --noise_multiplier 1 --steps 9 --delta 1e-5", "sample_rate"),
         (
-            "epsilon --sample_rate 0.1 --noise_multiplier 1 --steps 9 --delta 1e-5"
-            " --accountant gdp",
+            "epsilon --sample_rate 0.1 --noise_multiplier 1 --steps 9 --delta 1e-5 --accountant gdp",
             "accountant",
         ),
         (
-            "noise --target_epsilon 0.005 --delta 1e-5 --sample_rate 0.01 --steps 100"
-            " --epsilon_tolerance 0.001",
+            "noise --target_epsilon 0.005 --delta 1e-5 --sample_rate 0.01 --steps 100 --epsilon_tolerance 0.001",
             "target_epsilon",
         ),
     ],

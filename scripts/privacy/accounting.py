@@ -149,17 +149,11 @@ def _check_accountant(value: object) -> str:
 
 def _check_history(history: object) -> list[tuple[float, float, int]]:
     if isinstance(history, (str, bytes)) or not isinstance(history, Iterable):
-        raise ConfigError(
-            "history must be a list of (noise_multiplier, sample_rate, steps) tuples, "
-            f"got {history!r}"
-        )
+        raise ConfigError(f"history must be a list of (noise_multiplier, sample_rate, steps) tuples, got {history!r}")
     stages = []
     for i, stage in enumerate(history):
         if isinstance(stage, (str, bytes)) or not isinstance(stage, Sequence) or len(stage) != 3:
-            raise ConfigError(
-                f"history[{i}] must be a (noise_multiplier, sample_rate, steps) tuple, "
-                f"got {stage!r}"
-            )
+            raise ConfigError(f"history[{i}] must be a (noise_multiplier, sample_rate, steps) tuple, got {stage!r}")
         sigma, q, steps = stage
         stages.append(
             (
@@ -223,11 +217,7 @@ def _prv_epsilon(history: list[tuple[float, float, int]], delta: float) -> float
         # q = 1 makes Opacus take log(0); huge losses overflow exp. Both are handled by
         # np.where in Opacus; the result is checked below.
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            eps = float(
-                accountant.get_epsilon(
-                    delta=delta, eps_error=eps_error, delta_error=delta_error
-                )
-            )
+            eps = float(accountant.get_epsilon(delta=delta, eps_error=eps_error, delta_error=delta_error))
         if math.isfinite(eps):
             return eps
         failure = f"non-finite epsilon {eps}"
@@ -236,8 +226,7 @@ def _prv_epsilon(history: list[tuple[float, float, int]], delta: float) -> float
         # will dominate" (tiny delta), "Discrete mean differs significantly".
         failure = err
     warnings.warn(
-        f"PRV accountant failed for {history} at delta={delta} ({failure!s}); "
-        "reporting the RDP upper bound instead",
+        f"PRV accountant failed for {history} at delta={delta} ({failure!s}); reporting the RDP upper bound instead",
         RuntimeWarning,
         stacklevel=4,
     )
@@ -286,9 +275,7 @@ def compute_epsilon(
     return _epsilon([stage], _check_delta(delta), _check_accountant(accountant))
 
 
-def compose_epsilon(
-    history: list[tuple[float, float, int]], delta: float, accountant: str = "prv"
-) -> float:
+def compose_epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str = "prv") -> float:
     """Epsilon of a sequence of DP-SGD stages on the same data (the privacy ledger).
 
     The stages are loaded into one Opacus accountant and composed by the accountant
@@ -369,9 +356,7 @@ def calibrate_noise(
             f"{MAX_NOISE_MULTIPLIER:g} gives epsilon={eps_at_max:.4g} with sample_rate="
             f"{q:g}, steps={steps}, delta={delta:g} ({accountant} accountant; {floor}). "
             f"Use a larger target_epsilon (> {eps_at_max:.4g}), fewer steps, a smaller "
-            "sample_rate or a larger delta"
-            + (", or accountant='prv'" if accountant == "rdp" else "")
-            + "."
+            "sample_rate or a larger delta" + (", or accountant='prv'" if accountant == "rdp" else "") + "."
         )
 
     if tol >= target:
@@ -514,9 +499,7 @@ def _cli_noise(
         accountant: prv (tight) or rdp.
         epsilon_tolerance: absolute precision of the search, in epsilon units.
     """
-    sigma = calibrate_noise(
-        target_epsilon, delta, sample_rate, steps, accountant, epsilon_tolerance
-    )
+    sigma = calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant, epsilon_tolerance)
     record = {
         "target_epsilon": float(target_epsilon),
         "delta": float(delta),

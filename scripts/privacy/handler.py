@@ -91,7 +91,8 @@ class DPTrainingHandler:
             raise ConfigError(f"config field 'max_grad_norm': expected a number > 0, got {settings['max_grad_norm']}")
         if self.max_physical_batch_size < 1:
             raise ConfigError(
-                f"config field 'max_physical_batch_size': expected an integer >= 1, got {settings['max_physical_batch_size']}"
+                "config field 'max_physical_batch_size': expected an integer >= 1, got "
+                f"{settings['max_physical_batch_size']}"
             )
         from scripts.privacy.per_sample import MODES
 
@@ -134,7 +135,8 @@ class DPTrainingHandler:
         """
         if not self.ledger.can_step():
             logger.warning(
-                f"privacy budget reached: {self.ledger.steps} steps give epsilon <= {self.ledger.target_epsilon:g}, one "
+                f"privacy budget reached: {self.ledger.steps} steps give epsilon <= {self.ledger.target_epsilon:g}, "
+                "one "
                 "more would exceed it; stopping"
             )
             engine.terminate()
@@ -176,14 +178,18 @@ class DPTrainingHandler:
         eps = self.ledger.get_epsilon()
         engine.state.metrics["epsilon"] = eps
         engine.state.metrics["dp_steps"] = self.ledger.steps
-        logger.info(f"epoch {engine.state.epoch}: {self.ledger.steps} DP steps, epsilon = {eps:.4f} (delta = {self.ledger.delta:g})")
+        logger.info(
+            f"epoch {engine.state.epoch}: {self.ledger.steps} DP steps, epsilon = {eps:.4f} (delta = "
+            f"{self.ledger.delta:g})"
+        )
 
     def completed(self, engine: Engine) -> None:
         """Mark the ledger complete and write the privacy report."""
         self.ledger.complete()
         report = self.ledger.write_report(self.report_path, self.released_files)
         logger.info(
-            f"privacy: epsilon = {report['epsilon']:.4f}, delta = {self.ledger.delta:g}, {report['privacy_unit']}-level, "
+            f"privacy: epsilon = {report['epsilon']:.4f}, delta = {self.ledger.delta:g}, "
+            f"{report['privacy_unit']}-level, "
             f"{len(report['stages'])} stage(s) composed with the {self.ledger.accountant} accountant; report: "
             f"{self.report_path}"
         )

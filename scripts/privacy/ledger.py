@@ -85,7 +85,8 @@ def check_delta(delta: float, units: int) -> None:
         )
     if delta > 0.1 / units:
         logger.warning(
-            f"target_delta={delta:g} is above 1/(10 n) = {0.1 / units:.3g} for n = {units} units; a delta well below 1/n "
+            f"target_delta={delta:g} is above 1/(10 n) = {0.1 / units:.3g} for n = {units} units; a delta well below "
+            "1/n "
             "is the usual choice"
         )
 
@@ -143,7 +144,8 @@ class PrivacyLedger(IAccountant):
         self.interrupted = self._interrupted_entries(self._previous)
         if self.interrupted:
             logger.warning(
-                f"{path}: a run started {self._previous.get('started')} took {self.interrupted[-1]['steps']} DP step(s) "
+                f"{path}: a run started {self._previous.get('started')} took {self.interrupted[-1]['steps']} DP "
+                "step(s) "
                 "and left no checkpoint; its privacy cost is composed into this run's epsilon"
             )
         prior_history = _history(self.all_prior)
@@ -180,8 +182,10 @@ class PrivacyLedger(IAccountant):
             noise_multiplier: must be the ledger's (kept for Opacus's interface).
             sample_rate: must be the ledger's (kept for Opacus's interface).
         """
-        for name, value, own in (("noise_multiplier", noise_multiplier, self.noise_multiplier),
-                                 ("sample_rate", sample_rate, self.sample_rate)):
+        for name, value, own in (
+            ("noise_multiplier", noise_multiplier, self.noise_multiplier),
+            ("sample_rate", sample_rate, self.sample_rate),
+        ):
             if value is not None and value != own:
                 raise ConfigError(f"PrivacyLedger.step: {name}={value} differs from the stage's {own}")
         if self.history and self.history[-1][:2] == (self.noise_multiplier, self.sample_rate):
@@ -247,7 +251,9 @@ class PrivacyLedger(IAccountant):
             return
         if self._previous is not None and self._previous.get("started") != self.started and os.path.isfile(self.path):
             if self._previous.get("status") == "complete":
-                archived = f"{os.path.splitext(self.path)[0]}.{self._previous.get('started', 'unknown').replace(':', '')}.json"
+                archived = (
+                    f"{os.path.splitext(self.path)[0]}.{self._previous.get('started', 'unknown').replace(':', '')}.json"
+                )
                 os.replace(self.path, archived)
                 logger.info(f"the ledger of the earlier complete run is kept as {archived}")
             self._previous = None
@@ -282,9 +288,11 @@ class PrivacyLedger(IAccountant):
             "composition": f"{self.accountant} accountant over all stages (opacus), not a sum of epsilons",
             "privacy_unit": unit,
             "covers": (
-                f"({self.get_epsilon():.4g}, {self.delta:g})-differential privacy at the {unit} level (one {unit} added "
+                f"({self.get_epsilon():.4g}, {self.delta:g})-differential privacy at the {unit} level (one {unit} "
+                "added "
                 f"to or removed from the private training set {self.settings['dataset']}) for everything derived from "
-                "the model file named below, decoded with the autoencoder file named below: weights and synthetic images"
+                "the model file named below, decoded with the autoencoder file named below: weights and synthetic "
+                "images"
             ),
             "assumptions": [
                 f"the number of private units (n = {self.settings['units']}) and records ({self.settings['records']}) "
@@ -381,13 +389,15 @@ class PrivacyLedger(IAccountant):
             raise ConfigError(
                 f"cannot resume: the DP settings {changed} differ from the checkpoint's "
                 f"({ {k: saved.get(k) for k in changed} } there, { {k: self.settings.get(k) for k in changed} } now); "
-                "resume with the same settings, or start a new run with --resume False (a new run spends its own budget)"
+                "resume with the same settings, or start a new run with --resume False (a new run spends its own "
+                "budget)"
             )
         saved_prior = [{k: v for k, v in s.items() if k != "epsilon_alone"} for s in state["prior"]]
         now_prior = [{k: v for k, v in s.items() if k != "epsilon_alone"} for s in self.prior]
         if _history(saved_prior) != _history(now_prior):
             raise ConfigError(
-                "cannot resume: the earlier DP stages of the weights loaded now (e.g. the autoencoder) differ from those "
+                "cannot resume: the earlier DP stages of the weights loaded now (e.g. the autoencoder) differ from "
+                "those "
                 f"the checkpoint was trained on ({[s['stage'] for s in saved_prior]} there, "
                 f"{[s['stage'] for s in now_prior]} now); load the same files or start a new run with --resume False"
             )
@@ -404,7 +414,8 @@ class PrivacyLedger(IAccountant):
             if logged > self.steps:
                 lost = logged - self.steps
                 logger.warning(
-                    f"{lost} DP step(s) ran after the last checkpoint: their weights are lost, their privacy cost is kept"
+                    f"{lost} DP step(s) ran after the last checkpoint: their weights are lost, their privacy cost is "
+                    "kept"
                 )
                 self.history.append((self.noise_multiplier, self.sample_rate, lost))
             self._previous = None
@@ -430,7 +441,9 @@ def ancestors(*sources: Any) -> list[dict[str, Any]]:
     """
     seen, out = set(), []
     for source in sources:
-        entries = source.get("privacy_ledger", []) if isinstance(source, Mapping) else getattr(source, "privacy_ledger", [])
+        entries = (
+            source.get("privacy_ledger", []) if isinstance(source, Mapping) else getattr(source, "privacy_ledger", [])
+        )
         for entry in entries or []:
             key = tuple(str(entry.get(k)) for k in ("stage", "started", "noise_multiplier", "sample_rate", "steps"))
             if key not in seen:
@@ -476,8 +489,12 @@ def report_summary(report_path: str) -> str:
         units = f"{s['units']} units / {s['records']} records, " if "units" in s else ""
         details = ", ".join(
             f"{label} = {s[key]:g}" if isinstance(s[key], float) else f"{label} = {s[key]}"
-            for key, label in (("max_grad_norm", "C"), ("noise_multiplicity", "K"), ("finetune_scope", "scope"),
-                               ("grad_sample_mode", "per-unit gradients"))
+            for key, label in (
+                ("max_grad_norm", "C"),
+                ("noise_multiplicity", "K"),
+                ("finetune_scope", "scope"),
+                ("grad_sample_mode", "per-unit gradients"),
+            )
             if key in s
         )
         lines.append(

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from scripts.errors import ConfigError
 from scripts.engines import LatentDiffusionPrepareBatch, make_condition
+from scripts.errors import ConfigError
 
 __all__ = ["LatentDiffusionUnitLoss", "AutoencoderUnitLoss", "private_generator"]
 
@@ -101,9 +101,11 @@ class AutoencoderUnitLoss:
     """
 
     def __init__(self, loss_function: nn.Module, noise_multiplicity: int = 1) -> None:
-        trainable = [n for n, p in loss_function.named_parameters() if p.requires_grad] if isinstance(
-            loss_function, nn.Module
-        ) else []
+        trainable = (
+            [n for n, p in loss_function.named_parameters() if p.requires_grad]
+            if isinstance(loss_function, nn.Module)
+            else []
+        )
         if trainable or getattr(loss_function, "adversarial", None) is not None:
             raise ConfigError(
                 "the DP autoencoder stage cannot use a loss with trainable state (adversarial_weight > 0 adds a "

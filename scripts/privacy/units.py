@@ -40,7 +40,8 @@ class PrivacyUnits(torch.utils.data.Dataset):
             unnamed = [str(item.get("id", i)) for i, item in enumerate(dataset.data) if not item.get("subject")]
             if unnamed:
                 raise ConfigError(
-                    f"privacy_unit='subject' needs a 'subject' key in every datalist entry; {len(unnamed)} entries have "
+                    f"privacy_unit='subject' needs a 'subject' key in every datalist entry; {len(unnamed)} entries "
+                    "have "
                     f"none (e.g. {unnamed[:3]}). Add it (volumes of one person share it), or use --privacy_unit record "
                     "if every volume is a different person"
                 )
@@ -77,8 +78,10 @@ def _refuse_duplicates(entries: list) -> None:
                 first, second = entries[j], item
                 raise DataError(
                     f"the private datalist lists the same record twice ({key[0]} {key[1]!r}): entry {j} (subject "
-                    f"{first.get('subject')!r}, id {first.get('id')!r}) and entry {i} (subject {second.get('subject')!r}, "
-                    f"id {second.get('id')!r}). A record in two privacy units moves the clipped sum by 2 x max_grad_norm; "
+                    f"{first.get('subject')!r}, id {first.get('id')!r}) and entry {i} (subject "
+                    f"{second.get('subject')!r}, "
+                    f"id {second.get('id')!r}). A record in two privacy units moves the clipped sum by 2 x "
+                    "max_grad_norm; "
                     "list each volume once, under its subject"
                 )
             seen[key] = i

@@ -34,10 +34,14 @@ def validate_network(model: nn.Module) -> None:
         if isinstance(module, _BatchNorm) or (isinstance(module, _InstanceNorm) and module.track_running_stats):
             errors.append(f"'{name}' ({type(module).__name__}) normalises across the batch and mixes records")
         elif next(module.children(), None) is None:  # leaves: Opacus's validators look at leaf modules
-            errors += [f"'{name}' ({type(module).__name__}): {e}" for e in ModuleValidator.validate(module, strict=False)]
+            errors += [
+                f"'{name}' ({type(module).__name__}): {e}" for e in ModuleValidator.validate(module, strict=False)
+            ]
     model.train(was_training)
     if errors:
-        raise ConfigError("network is not valid for DP-SGD: " + "; ".join(errors) + ". Use GroupNorm or LayerNorm instead.")
+        raise ConfigError(
+            "network is not valid for DP-SGD: " + "; ".join(errors) + ". Use GroupNorm or LayerNorm instead."
+        )
 
 
 def apply_scope(model: nn.Module, scope: str) -> list[str]:
