@@ -1,5 +1,14 @@
-"""Differential privacy for the bundle's DP stages, laid out as Opacus is.
+"""Differential privacy for the bundle's DP stages, laid out as Opacus lays out its own.
 
-- :mod:`~scripts.privacy.accounting`: epsilon of a run, composition of stages, noise calibration, calculator CLI;
-- :mod:`~scripts.privacy.per_sample`: per-unit clipped gradient sums;
+- :mod:`~scripts.privacy.units`: privacy units as a dataset, Poisson samplers (single and multi-process), sample rate;
+- :mod:`~scripts.privacy.unit_losses`: the loss of one unit in each DP stage (draws from a private generator);
+- :mod:`~scripts.privacy.per_sample`: per-unit clipped gradient sums (``loop``, ``vmap``, ``bookkeeping``, ``auto``);
+- :mod:`~scripts.privacy.bookkeeping` and :mod:`~scripts.privacy.grad_norms`: book-keeping clipping, per-layer rules;
+- :mod:`~scripts.privacy.optimizers`: Opacus's DP optimisers fed with per-unit clipped sums;
+- :mod:`~scripts.privacy.ledger`: the privacy ledger (an Opacus accountant with composition, budget, write-ahead
+  file and report), usable without any network;
+- :mod:`~scripts.privacy.handler`: the Ignite handler that makes a MONAI trainer's step a DP-SGD step;
+- :mod:`~scripts.privacy.validation`: network, scope and handler checks;
+- :mod:`~scripts.privacy.accounting`: epsilon, composition, noise calibration, and the calculator
+  (``python -m scripts.privacy``).
 """
