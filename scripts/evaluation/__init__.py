@@ -1,0 +1,17 @@
+"""Evaluation stage (``configs/evaluate.yaml``): fidelity, diversity, controllability and an empirical privacy audit.
+
+    python -m monai.bundle run evaluating --config_file configs/evaluate.yaml --synthetic_dir DIR
+
+From Python, :func:`evaluate` returns the report dict (``report["headline"]`` holds the key
+numbers: ``lv_found_rate``, ``lvedv_pearson_r``, ``sweep_spearman_rho``, ``FD_seg3d_*``,
+``ms_ssim_*``, ``mia_auc``); :func:`run` also writes the report files, the figures and the
+MLflow run. Modules: ``volumes`` (reading sets), ``segmenter`` (the measuring instrument),
+``features`` / ``fidelity`` / ``diversity`` / ``control`` / ``audit`` (the metrics), ``plots``,
+``report``, ``stage`` (the orchestration).
+"""
+
+from __future__ import annotations
+
+from scripts.evaluation.stage import evaluate, headline, run
+
+__all__ = ["evaluate", "headline", "run"]
