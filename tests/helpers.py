@@ -5,18 +5,27 @@ Tests import these (``from helpers import ...``) instead of importing each other
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
 from monai.networks.schedulers import DDPMScheduler
 from scipy.special import gammaln
 
+from scripts.files import sha256
 from scripts.networks import ConditionalDiffusionUNet, SliceAutoencoder
 from scripts.privacy.handler import DPTrainingHandler
 from scripts.privacy.ledger import PrivacyLedger
 from scripts.privacy.unit_losses import LatentDiffusionUnitLoss
 from scripts.privacy.units import PrivacyUnits, sample_rate
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------- independent RDP (no Opacus)
 
@@ -83,9 +92,22 @@ class Records(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def tiny_unet(seed: int = 0) -> ConditionalDiffusionUNet:
-    """A tiny conditioned 3D UNet whose every layer gets gradients."""
-    torch.manual_seed(seed)
+def tiny_unet(
+    seed: int | None = 0, head_channels: int = 8, perturb: str | None = "output", std: float = 0.1
+) -> ConditionalDiffusionUNet:
+    """A tiny conditioned 3D UNet (latent 4 channels, levels 16/32, attention at the second).
+
+    Args:
+        seed: ``torch.manual_seed`` before building; ``None`` builds from the current random state.
+        head_channels: channels per attention head at the second level.
+        perturb: which parameters get N(0, std) values, as MONAI zero-initialises the output conv and the
+            attention output projections: ``"output"`` the output conv (every layer gets gradients), ``"zero"``
+            every all-zero parameter, ``"zero_matrices"`` every all-zero one of 2 or more dimensions, ``"all"``
+            every parameter, ``None`` none.
+        std: the standard deviation of the perturbation.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
     net = ConditionalDiffusionUNet(
         attribute_dim=16,
         attribute_heads=2,
@@ -95,31 +117,182 @@ def tiny_unet(seed: int = 0) -> ConditionalDiffusionUNet:
         channels=[16, 32],
         attention_levels=[False, True],
         num_res_blocks=1,
-        num_head_channels=[0, 8],
+        num_head_channels=[0, head_channels],
         norm_num_groups=8,
     )
-    with torch.no_grad():  # MONAI zero-initialises the output conv: give it weights so every layer gets gradients
-        for p in net.unet.out.parameters():
-            p.normal_(0, 0.1)
+    params = {
+        None: [],
+        "output": list(net.unet.out.parameters()),
+        "zero": [p for p in net.parameters() if not p.any()],
+        "zero_matrices": [p for p in net.parameters() if p.ndim > 1 and not p.any()],
+        "all": list(net.parameters()),
+    }[perturb]
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, std)
     return net
 
 
-def tiny_autoencoder() -> SliceAutoencoder:
-    """A tiny frozen slice-wise autoencoder with a fixed scale factor."""
-    torch.manual_seed(1)
-    ae = SliceAutoencoder(
-        in_channels=1,
-        out_channels=1,
-        channels=[8, 8],
-        latent_channels=4,
-        num_res_blocks=1,
-        attention_levels=[False, False],
-        norm_num_groups=4,
-        with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
+def tiny_autoencoder(
+    seed: int | None = 1,
+    channels: tuple[int, ...] = (8, 8),
+    latent_channels: int = 4,
+    norm_num_groups: int = 4,
+    scale_factor: float | None = 1.5,
+    measured: bool = False,
+    frozen: bool = True,
+    **kwargs,
+) -> SliceAutoencoder:
+    """A tiny slice-wise autoencoder; by default frozen (eval, no gradients) with a fixed scale factor.
+
+    Args:
+        seed: ``torch.manual_seed`` before building; ``None`` builds from the current random state.
+        channels: channels per level (no attention at any level unless ``attention_levels`` is given).
+        latent_channels: latent channels.
+        norm_num_groups: GroupNorm groups.
+        scale_factor: the latent scale factor to store; ``None`` keeps the network's initial one.
+        measured: mark the scale factor as measured (``load_autoencoder`` refuses a checkpoint without it).
+        frozen: return it in eval mode with ``requires_grad`` off.
+        kwargs: other ``SliceAutoencoder`` arguments, replacing the defaults (one residual block, no non-local
+            attention).
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    arguments = {
+        "in_channels": 1,
+        "out_channels": 1,
+        "channels": list(channels),
+        "latent_channels": latent_channels,
+        "num_res_blocks": 1,
+        "attention_levels": [False] * len(channels),
+        "norm_num_groups": norm_num_groups,
+        "with_encoder_nonlocal_attn": False,
+        "with_decoder_nonlocal_attn": False,
+    }
+    ae = SliceAutoencoder(**{**arguments, **kwargs})
+    if scale_factor is not None:
+        ae.scale_factor.fill_(scale_factor)
+    if measured:
+        ae.scale_factor_measured.fill_(True)
+    return ae.eval().requires_grad_(False) if frozen else ae
+
+
+def save_autoencoder(ae: SliceAutoencoder, path: Path) -> Path:
+    """Write ``ae`` as the autoencoder stage does (``network`` and ``architecture``); returns ``path``."""
+    torch.save({"network": ae.state_dict(), "architecture": ae.init_kwargs}, path)
+    return path
+
+
+# ----------------------------------------------------------------- tiny stage checkpoints (images 8 x 48 x 48)
+
+
+def tiny_stage_networks(models: Path, perturb: str | None = None) -> ConditionalDiffusionUNet:
+    """Write ``models/autoencoder.pt`` (random, seed 0, scale factor 0.8, measured) and return a random UNet.
+
+    The sizes of the other stage tests: images 8 x 48 x 48, latent 4 x 8 x 12 x 12. The UNet is built from the
+    random state the autoencoder leaves; ``perturb`` as in :func:`tiny_unet` (std 0.05).
+    """
+    ae = tiny_autoencoder(
+        seed=0, channels=(8, 16, 16), norm_num_groups=8, scale_factor=0.8, measured=True, frozen=False
     )
-    ae.scale_factor.fill_(1.5)
-    return ae.eval().requires_grad_(False)
+    save_autoencoder(ae, models / "autoencoder.pt")
+    return tiny_unet(seed=None, head_channels=16, perturb=perturb, std=0.05)
+
+
+def stage_checkpoint_info(net: ConditionalDiffusionUNet, autoencoder: str, scheduler: dict) -> dict:
+    """The keys a diffusion checkpoint of :func:`tiny_stage_networks` holds besides its weights."""
+    return {
+        "architecture": net.init_kwargs,
+        "latent_shape": [4, 8, 12, 12],
+        "spatial_size": [8, 48, 48],
+        "scale_factor": 0.8,
+        "autoencoder": autoencoder,
+        "scheduler": dict(scheduler),
+    }
+
+
+def jittered(state: dict[str, torch.Tensor], std: float = 0.01) -> dict[str, torch.Tensor]:
+    """``state`` with N(0, std) noise added to its floating-point tensors (a "fine-tuned" copy)."""
+    return {k: v + std * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def write_privacy_report(models: Path, model: str, autoencoder: str | None = None) -> None:
+    """``models/privacy_report.json`` of a complete run naming ``models/{model,autoencoder}.pt``'s SHA-256.
+
+    ``model`` and ``autoencoder`` are the paths the report names (no ``autoencoder`` key when ``None``).
+    """
+    report = {
+        "epsilon": 7.9,
+        "delta": 1e-5,
+        "privacy_unit": "subject",
+        "accountant": "prv",
+        "status": "complete",
+        "stages": [],
+        "model": model,
+        "model_sha256": sha256(models / "model.pt"),
+    }
+    if autoencoder is not None:
+        report["autoencoder"] = autoencoder
+    report["autoencoder_sha256"] = sha256(models / "autoencoder.pt")
+    report["covers"] = "subject-level DP of the private training data"
+    (models / "privacy_report.json").write_text(json.dumps(report))
+
+
+# ----------------------------------------------------------------- per-unit clipping on the tiny UNet
+
+UNIT_LATENT = (4, 4, 8, 8)
+NUM_ATTRIBUTES = 14
+SCHEDULER = DDPMScheduler(num_train_timesteps=150, schedule="linear_beta", beta_start=1e-4, beta_end=7e-2)
+
+
+def diffusion_loss(net: Callable, unit: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The bundle's epsilon-prediction loss (LatentDiffusionUnits.loss)."""
+    noisy = SCHEDULER.add_noise(unit["latents"], unit["noise"], unit["timesteps"])
+    return ((net(noisy, unit["timesteps"], unit["condition"]) - unit["noise"]) ** 2).mean()
+
+
+def diffusion_unit(records: int, k: int, seed: int, missing_rate: float = 0.2) -> dict[str, torch.Tensor]:
+    """One privacy unit: ``records`` volumes (a subject's ED + ES: 2), each with K (timestep, noise) draws.
+
+    Each attribute is missing with probability ``missing_rate``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(records, *UNIT_LATENT, generator=g).repeat_interleave(k, dim=0)
+    condition = torch.rand(records, NUM_ATTRIBUTES, 2, generator=g)
+    condition[..., 1] = (condition[..., 1] < missing_rate).float()
+    return {
+        "latents": latents,
+        "noise": torch.randn(records * k, *UNIT_LATENT, generator=g),
+        "timesteps": torch.randint(0, 150, (records * k,), generator=g),
+        "condition": condition.repeat_interleave(k, dim=0),
+    }
+
+
+# ----------------------------------------------------------------- multi-process bundle runs
+
+
+def torchrun_training(config_file: str, dataset_dir: Path, bundle_root: Path, *args: str):
+    """``monai.bundle run training`` under torchrun with 2 CPU processes (gloo), from the bundle root."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        config_file,
+        "--dataset_dir",
+        str(dataset_dir),
+        "--bundle_root",
+        str(bundle_root),
+        *args,
+    ]
+    env = dict(os.environ, MPLBACKEND="Agg")
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env, check=False)
 
 
 def dp_settings(units: PrivacyUnits, **overrides) -> dict:

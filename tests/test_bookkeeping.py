@@ -27,19 +27,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
-from scripts.networks import ConditionalDiffusionUNet, SliceAutoencoder
 from scripts.privacy import bookkeeping, grad_norms
 from scripts.privacy.bookkeeping import unsupported_layers
 from scripts.privacy.per_sample import MODES, clipped_grad_sum, resolve_grad_sample_mode
 
+from helpers import diffusion_loss, tiny_autoencoder, tiny_unet
+from helpers import diffusion_unit as shared_diffusion_unit
+
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
-LATENT = (4, 4, 8, 8)
-NUM_ATTRIBUTES = 14
-SCHEDULER = DDPMScheduler(num_train_timesteps=150, schedule="linear_beta", beta_start=1e-4, beta_end=7e-2)
 
 
 def apply_scope(model: nn.Module, scope: str) -> list[str]:
@@ -282,44 +280,13 @@ def test_unsupported_layers_and_auto() -> None:
 
 @pytest.fixture(scope="module")
 def unet() -> nn.Module:
-    torch.manual_seed(0)
-    net = ConditionalDiffusionUNet(
-        attribute_dim=16,
-        attribute_heads=2,
-        spatial_dims=3,
-        in_channels=LATENT[0],
-        out_channels=LATENT[0],
-        channels=[16, 32],
-        attention_levels=[False, True],
-        num_res_blocks=1,
-        num_head_channels=[0, 8],
-        norm_num_groups=8,
-    )
-    with torch.no_grad():  # MONAI zero-initialises output layers (UNet, attention blocks): most gradients would vanish
-        for p in net.parameters():
-            if p.ndim > 1 and not p.any():
-                p.normal_(0, 0.05)
-    return net
-
-
-def diffusion_loss(net: Callable, unit: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The bundle's epsilon-prediction loss (LatentDiffusionUnits.loss)."""
-    noisy = SCHEDULER.add_noise(unit["latents"], unit["noise"], unit["timesteps"])
-    return ((net(noisy, unit["timesteps"], unit["condition"]) - unit["noise"]) ** 2).mean()
+    # MONAI zero-initialises output layers (UNet, attention blocks): most gradients would vanish
+    return tiny_unet(perturb="zero_matrices", std=0.05)
 
 
 def diffusion_unit(records: int, k: int, seed: int) -> dict[str, torch.Tensor]:
-    """One privacy unit: ``records`` volumes (a subject's ED + ES: 2), each with K (timestep, noise) draws."""
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(records, *LATENT, generator=g).repeat_interleave(k, dim=0)
-    condition = torch.rand(records, NUM_ATTRIBUTES, 2, generator=g)
-    condition[..., 1] = (condition[..., 1] < 0.3).float()
-    return {
-        "latents": latents,
-        "noise": torch.randn(records * k, *LATENT, generator=g),
-        "timesteps": torch.randint(0, 150, (records * k,), generator=g),
-        "condition": condition.repeat_interleave(k, dim=0),
-    }
+    """One privacy unit of tests/helpers.py, each attribute missing with probability 0.3."""
+    return shared_diffusion_unit(records, k, seed, missing_rate=0.3)
 
 
 @pytest.mark.parametrize("scope", ["all", "attention", "conditioning"])
@@ -363,17 +330,13 @@ def test_unet_removing_one_unit_moves_sum_by_at_most_c(unet: nn.Module, records:
 
 def test_slice_autoencoder_equals_loop() -> None:
     """2D layers see rows x slices, the output is a tuple: AutoencoderUnits' shape of loss."""
-    torch.manual_seed(0)
-    ae = SliceAutoencoder(
-        in_channels=1,
-        out_channels=1,
-        channels=[4, 8],
+    ae = tiny_autoencoder(
+        seed=0,
+        channels=(4, 8),
         latent_channels=2,
+        scale_factor=None,
+        frozen=False,
         num_res_blocks=[1, 1],
-        norm_num_groups=4,
-        attention_levels=[False, False],
-        with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
     ).eval()  # eval: the latent is the posterior mean, so "loop" and one batched forward see the same values
 
     def loss(net: Callable, unit: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -17,6 +17,7 @@ from scripts.files import sha256
 from scripts.privacy.accounting import compute_epsilon
 
 from conftest import ROOT, TINY, mlflow_runs
+from helpers import torchrun_training
 
 DP = "['configs/dp_finetune.yaml','configs/small_dp_finetune.yaml']"
 # 6 private subjects -> 4 in the training split; logical batch 2 -> q = 0.5, 2 steps an epoch
@@ -297,29 +298,8 @@ def test_distributed_dp_step_equals_single_process(tmp_path):
 
 def test_multi_process_dp_finetune_bundle(pretrained, cohorts, tmp_path):
     _copy_models(pretrained, tmp_path)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        "['configs/dp_finetune.yaml','configs/small_dp_finetune.yaml','configs/multi_gpu_dp_finetune.yaml']",
-        "--dataset_dir",
-        str(cohorts["private"]),
-        "--bundle_root",
-        str(tmp_path),
-        *DP_TINY,
-        "--epochs",
-        "1",
-    ]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, MPLBACKEND="Agg")
-    )
+    config = "['configs/dp_finetune.yaml','configs/small_dp_finetune.yaml','configs/multi_gpu_dp_finetune.yaml']"
+    proc = torchrun_training(config, cohorts["private"], tmp_path, *DP_TINY, "--epochs", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "models" / "privacy_report.json").read_text())
     stage = report["stages"][0]

@@ -39,8 +39,9 @@ from scripts.inference import (
     run_sweep,
     sweep_values,
 )
-from scripts.networks import ConditionalDiffusionUNet, SliceAutoencoder
 from scripts.sampling import build_scheduler
+
+from helpers import jittered, stage_checkpoint_info, tiny_stage_networks, write_privacy_report
 
 SCHEDULE = {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1.0e-4, "beta_end": 7.0e-2}
 STEPS = ["--num_inference_steps", "3"]
@@ -54,71 +55,23 @@ def _write_csv(path, text: str) -> str:
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
     """A bundle root with models/{autoencoder,model}.pt (tiny, random) and a matching privacy report."""
-    from scripts.files import sha256
-
     root = tmp_path_factory.mktemp("synthesis")
     models = root / "models"
     models.mkdir()
-    torch.manual_seed(0)
-    ae = SliceAutoencoder(
-        in_channels=1,
-        out_channels=1,
-        channels=[8, 16, 16],
-        latent_channels=4,
-        num_res_blocks=1,
-        attention_levels=[False, False, False],
-        norm_num_groups=8,
-        with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
-    )
-    ae.scale_factor.fill_(0.8)
-    ae.scale_factor_measured.fill_(True)
-    torch.save({"network": ae.state_dict(), "architecture": ae.init_kwargs}, models / "autoencoder.pt")
-    net = ConditionalDiffusionUNet(
-        attribute_dim=16,
-        attribute_heads=2,
-        spatial_dims=3,
-        in_channels=4,
-        out_channels=4,
-        channels=[16, 32],
-        attention_levels=[False, True],
-        num_res_blocks=1,
-        num_head_channels=[0, 16],
-        norm_num_groups=8,
-    )
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():  # MONAI zero-initialises the attention output projections
-                p.normal_(0.0, 0.05)
-    ema = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    net = tiny_stage_networks(models, perturb="zero")  # MONAI zero-initialises the attention output projections
+    info = stage_checkpoint_info(net, str(models / "autoencoder.pt"), SCHEDULE)
+    ema = jittered(net.state_dict())
     torch.save(
         {
             "network": net.state_dict(),
             "ema": ema,
             "dp": {"steps_done": 4},
-            "architecture": net.init_kwargs,
-            "latent_shape": [4, 8, 12, 12],
-            "spatial_size": [8, 48, 48],
-            "scale_factor": 0.8,
-            "autoencoder": str(models / "autoencoder.pt"),
-            "scheduler": dict(SCHEDULE),
+            **info,
             "pretrained": str(models / "diffusion.pt"),
         },
         models / "model.pt",
     )
-    report = {
-        "epsilon": 7.9,
-        "delta": 1e-5,
-        "privacy_unit": "subject",
-        "accountant": "prv",
-        "status": "complete",
-        "stages": [],
-        "model": str(models / "model.pt"),
-        "model_sha256": sha256(str(models / "model.pt")),
-        "autoencoder_sha256": sha256(str(models / "autoencoder.pt")),
-        "covers": "subject-level DP of the private training data",
-    }
-    (models / "privacy_report.json").write_text(json.dumps(report))
+    write_privacy_report(models, str(models / "model.pt"))
     return root
 
 

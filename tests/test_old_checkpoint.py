@@ -16,28 +16,25 @@ import torch
 
 from scripts.networks import ConditionalDiffusionUNet, SliceAutoencoder
 
-# attention blocks at the second level and the non-local ones, and an upsampler
-AE_KWARGS = {
-    "in_channels": 1,
-    "out_channels": 1,
-    "channels": [8, 16],
-    "latent_channels": 4,
-    "num_res_blocks": 1,
-    "attention_levels": [False, True],
-    "norm_num_groups": 8,
-}
-UNET_KWARGS = {
-    "attribute_dim": 16,
-    "attribute_heads": 2,
-    "spatial_dims": 3,
-    "in_channels": 4,
-    "out_channels": 4,
-    "channels": [16, 32],
-    "attention_levels": [False, True],
-    "num_res_blocks": 1,
-    "num_head_channels": [0, 16],
-    "norm_num_groups": 8,
-}
+from helpers import tiny_autoencoder, tiny_unet
+
+
+def _autoencoder(seed: int) -> SliceAutoencoder:
+    """Attention blocks at the second level and the non-local ones, and an upsampler."""
+    return tiny_autoencoder(
+        seed,
+        channels=(8, 16),
+        norm_num_groups=8,
+        scale_factor=None,
+        frozen=False,
+        attention_levels=[False, True],
+        with_encoder_nonlocal_attn=True,
+        with_decoder_nonlocal_attn=True,
+    ).eval()
+
+
+def _unet(seed: int) -> ConditionalDiffusionUNet:
+    return tiny_unet(seed, head_channels=16, perturb=None).eval()
 
 
 def generative_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -63,13 +60,11 @@ def _perturb_(net: torch.nn.Module) -> None:
 
 
 def test_generative_autoencoder_loads_into_slice_autoencoder():
-    torch.manual_seed(0)
-    original = SliceAutoencoder(**AE_KWARGS).eval()
+    original = _autoencoder(0)
     _perturb_(original)
     old = generative_layout(original.autoencoder.state_dict())
     assert "encoder.blocks.4.proj_attn.weight" in old and "decoder.blocks.6.conv.conv.weight" in old
-    torch.manual_seed(1)
-    loaded = SliceAutoencoder(**AE_KWARGS).eval()
+    loaded = _autoencoder(1)
     with pytest.raises(RuntimeError, match="Missing key"):  # the old layout does not load as it is
         loaded.autoencoder.load_state_dict(old)
     loaded.autoencoder.load_old_state_dict(dict(old))
@@ -82,13 +77,11 @@ def test_generative_autoencoder_loads_into_slice_autoencoder():
 
 
 def test_generative_unet_loads_into_conditional_diffusion_unet():
-    torch.manual_seed(0)
-    original = ConditionalDiffusionUNet(**UNET_KWARGS).eval()
+    original = _unet(0)
     _perturb_(original)
     old = generative_layout(original.unet.state_dict())
     assert any(".to_out.0." in k for k in old) and "up_blocks.0.upsampler.conv.conv.weight" in old
-    torch.manual_seed(1)
-    loaded = ConditionalDiffusionUNet(**UNET_KWARGS).eval()
+    loaded = _unet(1)
     with pytest.raises(RuntimeError, match="Missing key"):
         loaded.unet.load_state_dict(old)
     loaded.unet.load_old_state_dict(dict(old))

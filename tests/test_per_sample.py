@@ -10,15 +10,13 @@ from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 import torch
-from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
-from scripts.networks import ConditionalDiffusionUNet
 from scripts.privacy.per_sample import clip_factor, clipped_grad_sum
 
+from helpers import diffusion_loss, diffusion_unit, tiny_unet
+
 MODES = ("loop", "vmap", "bookkeeping")  # bookkeeping in depth: tests/test_bookkeeping.py
-LATENT = (4, 4, 8, 8)
-NUM_ATTRIBUTES = 14
 
 
 # --------------------------------------------------------------------------- helpers
@@ -75,45 +73,12 @@ def mlp_unit(m: int, seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-# tiny conditional diffusion UNet and the epsilon-prediction loss of the bundle
-
-SCHEDULER = DDPMScheduler(num_train_timesteps=150, schedule="linear_beta", beta_start=1e-4, beta_end=7e-2)
+# tiny conditional diffusion UNet and the epsilon-prediction loss of the bundle (tests/helpers.py)
 
 
 @pytest.fixture(scope="module")
 def unet() -> nn.Module:
-    torch.manual_seed(0)
-    return ConditionalDiffusionUNet(
-        attribute_dim=16,
-        attribute_heads=2,
-        spatial_dims=3,
-        in_channels=LATENT[0],
-        out_channels=LATENT[0],
-        channels=[16, 32],
-        attention_levels=[False, True],
-        num_res_blocks=1,
-        num_head_channels=[0, 8],
-        norm_num_groups=8,
-    )
-
-
-def diffusion_loss(net: Callable[..., torch.Tensor], unit: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    noisy = SCHEDULER.add_noise(unit["latents"], unit["noise"], unit["timesteps"])
-    return ((net(noisy, unit["timesteps"], unit["condition"]) - unit["noise"]) ** 2).mean()
-
-
-def diffusion_unit(records: int, k: int, seed: int) -> dict[str, torch.Tensor]:
-    """One privacy unit: ``records`` volumes, each repeated with K (timestep, noise) draws."""
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(records, *LATENT, generator=g).repeat_interleave(k, dim=0)
-    condition = torch.rand(records, NUM_ATTRIBUTES, 2, generator=g)
-    condition[..., 1] = (condition[..., 1] < 0.2).float()
-    return {
-        "latents": latents,
-        "noise": torch.randn(records * k, *LATENT, generator=g),
-        "timesteps": torch.randint(0, 150, (records * k,), generator=g),
-        "condition": condition.repeat_interleave(k, dim=0),
-    }
+    return tiny_unet(perturb=None)
 
 
 # --------------------------------------------------------------------------- equivalence

@@ -10,6 +10,7 @@ from scripts.handlers import LatentScaleFactor
 from scripts.networks import ConditionalDiffusionUNet, load_autoencoder
 
 from conftest import LATENT, LDM, TINY, mlflow_runs, train_autoencoder, train_diffusion
+from helpers import save_autoencoder, tiny_autoencoder, tiny_unet, torchrun_training
 
 
 def test_autoencoder_checkpoint_and_scale_factor(pretrained, cohorts, attribute_ranges):
@@ -86,22 +87,7 @@ def test_unmeasured_scale_factor_is_rejected(pretrained, tmp_path):
 
 
 def test_masked_attributes_do_not_change_the_output():
-    torch.manual_seed(0)
-    net = ConditionalDiffusionUNet(
-        attribute_dim=16,
-        attribute_heads=2,
-        spatial_dims=3,
-        in_channels=4,
-        out_channels=4,
-        channels=[16, 32],
-        attention_levels=[False, True],
-        num_res_blocks=1,
-        num_head_channels=[0, 8],
-        norm_num_groups=8,
-    ).eval()
-    with torch.no_grad():  # MONAI zero-initialises the output conv; give every weight a value
-        for p in net.parameters():
-            p.normal_(0, 0.2)
+    net = tiny_unet(perturb="all", std=0.2).eval()  # MONAI zero-initialises the output conv; give every weight a value
     x, t = torch.randn(2, 4, 4, 8, 8), torch.tensor([3, 7])
     values, missing = torch.randn(2, 14), torch.zeros(2, 14)
     missing[:, [2, 8]] = 1.0
@@ -188,38 +174,11 @@ def test_missing_autoencoder_names_the_stage(tmp_path, cohorts, bundle):
 
 def test_multi_process_diffusion_with_gloo(pretrained, tmp_path, cohorts):
     """configs/multi_gpu_train.yaml under torchrun with 2 CPU processes (gloo)."""
-    import os
     import shutil
-    import subprocess
-    import sys
-
-    from conftest import ROOT
 
     shutil.copytree(pretrained / "models", tmp_path / "models", ignore=shutil.ignore_patterns("diffusion*"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        "['configs/train_diffusion.yaml','configs/small_diffusion.yaml','configs/multi_gpu_train.yaml']",
-        "--dataset_dir",
-        str(cohorts["public"]),
-        "--bundle_root",
-        str(tmp_path),
-        *TINY,
-        *LATENT,
-        "--epochs",
-        "2",
-    ]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, MPLBACKEND="Agg"), check=False
-    )
+    config = "['configs/train_diffusion.yaml','configs/small_diffusion.yaml','configs/multi_gpu_train.yaml']"
+    proc = torchrun_training(config, cohorts["public"], tmp_path, *TINY, *LATENT, "--epochs", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "models" / "diffusion.pt", weights_only=False)
     assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]
@@ -285,22 +244,8 @@ def test_monai_tracking_mlflow_works(tmp_path, cohorts, bundle):
 
 
 def _tiny_autoencoder_checkpoint(path):
-    from scripts.networks import SliceAutoencoder
-
-    ae = SliceAutoencoder(
-        in_channels=1,
-        out_channels=1,
-        channels=[8, 8],
-        latent_channels=2,
-        num_res_blocks=1,
-        attention_levels=[False, False],
-        norm_num_groups=8,
-        with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
-    )
-    ae.scale_factor_measured.fill_(True)
-    torch.save({"network": ae.state_dict(), "architecture": ae.init_kwargs}, path)
-    return path
+    ae = tiny_autoencoder(seed=None, latent_channels=2, norm_num_groups=8, scale_factor=None, measured=True)
+    return save_autoencoder(ae, path)
 
 
 def test_corrupt_checkpoints_are_named(tmp_path):

@@ -22,10 +22,10 @@ import pytest
 import torch
 import yaml
 
-from scripts.networks import ConditionalDiffusionUNet, SliceAutoencoder
 from scripts.release import ReleaseError, main, release, sha256
 
 from conftest import ROOT
+from helpers import jittered, stage_checkpoint_info, tiny_stage_networks, write_privacy_report
 
 SCHEDULE = {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1.0e-4, "beta_end": 7.0e-2}
 SCHEMA = ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
@@ -43,62 +43,16 @@ def weights(tmp_path_factory) -> Path:
     """
     models = tmp_path_factory.mktemp("weights") / "models"
     models.mkdir()
-    torch.manual_seed(0)
-    ae = SliceAutoencoder(
-        in_channels=1,
-        out_channels=1,
-        channels=[8, 16, 16],
-        latent_channels=4,
-        num_res_blocks=1,
-        attention_levels=[False, False, False],
-        norm_num_groups=8,
-        with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
-    )
-    ae.scale_factor.fill_(0.8)
-    ae.scale_factor_measured.fill_(True)
-    torch.save({"network": ae.state_dict(), "architecture": ae.init_kwargs}, models / "autoencoder.pt")
-    net = ConditionalDiffusionUNet(
-        attribute_dim=16,
-        attribute_heads=2,
-        spatial_dims=3,
-        in_channels=4,
-        out_channels=4,
-        channels=[16, 32],
-        attention_levels=[False, True],
-        num_res_blocks=1,
-        num_head_channels=[0, 16],
-        norm_num_groups=8,
-    )
-    info = {
-        "architecture": net.init_kwargs,
-        "latent_shape": [4, 8, 12, 12],
-        "spatial_size": [8, 48, 48],
-        "scale_factor": 0.8,
-        "autoencoder": "./models/autoencoder.pt",
-        "scheduler": dict(SCHEDULE),
-    }
+    net = tiny_stage_networks(models)
+    info = stage_checkpoint_info(net, "./models/autoencoder.pt", SCHEDULE)
     state = net.state_dict()
     torch.save({"network": state, "ema": state, **info}, models / "diffusion.pt")
-    tuned = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
+    tuned = jittered(state)
     torch.save(
         {"network": tuned, "ema": tuned, "dp": {"steps_done": 4}, "pretrained": "./models/diffusion.pt", **info},
         models / "model.pt",
     )
-    report = {
-        "epsilon": 7.9,
-        "delta": 1e-5,
-        "privacy_unit": "subject",
-        "accountant": "prv",
-        "status": "complete",
-        "stages": [],
-        "model": "./models/model.pt",
-        "model_sha256": sha256(models / "model.pt"),
-        "autoencoder": "./models/autoencoder.pt",
-        "autoencoder_sha256": sha256(models / "autoencoder.pt"),
-        "covers": "subject-level DP of the private training data",
-    }
-    (models / "privacy_report.json").write_text(json.dumps(report))
+    write_privacy_report(models, "./models/model.pt", "./models/autoencoder.pt")
     return models
 
 
