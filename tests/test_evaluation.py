@@ -21,11 +21,13 @@ from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.errors import DataError, MissingInputError
 from scripts.evaluation import audit, control, diversity, features, fidelity, segmenter
 from scripts.evaluation.volumes import load_real, load_synthetic, to_network_layout
-from scripts.networks import ConditionalDiffusionUNet, SliceAutoencoder
+from scripts.networks import ConditionalDiffusionUNet
+
+from helpers import stage_checkpoint_info, tiny_stage_networks
 
 SCHEDULE = {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1.0e-4, "beta_end": 7.0e-2}
 SEG = "['configs/train_segmenter.yaml','configs/small_segmenter.yaml']"
-TINY_SIZE = [8, 48, 48]
+TINY_SIZE = [8, 48, 48]  # helpers.tiny_stage_networks' image size
 
 
 # ------------------------------------------------------------------------------------ known answers
@@ -123,46 +125,10 @@ def _tiny_models(root):
     """models/{autoencoder,model}.pt of random tiny networks (the layout of the DP stage's checkpoint)."""
     models = root / "models"
     models.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    ae = SliceAutoencoder(
-        in_channels=1,
-        out_channels=1,
-        channels=[8, 16, 16],
-        latent_channels=4,
-        num_res_blocks=1,
-        attention_levels=[False, False, False],
-        norm_num_groups=8,
-        with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
-    )
-    ae.scale_factor.fill_(0.8)
-    ae.scale_factor_measured.fill_(True)
-    torch.save({"network": ae.state_dict(), "architecture": ae.init_kwargs}, models / "autoencoder.pt")
-    net = ConditionalDiffusionUNet(
-        attribute_dim=16,
-        attribute_heads=2,
-        spatial_dims=3,
-        in_channels=4,
-        out_channels=4,
-        channels=[16, 32],
-        attention_levels=[False, True],
-        num_res_blocks=1,
-        num_head_channels=[0, 16],
-        norm_num_groups=8,
-    )
-    torch.save(
-        {
-            "network": net.state_dict(),
-            "ema": net.state_dict(),
-            "architecture": net.init_kwargs,
-            "latent_shape": [4, 8, 12, 12],
-            "spatial_size": TINY_SIZE,
-            "scale_factor": 0.8,
-            "autoencoder": str(models / "autoencoder.pt"),
-            "scheduler": dict(SCHEDULE),
-        },
-        models / "model.pt",
-    )
+    net = tiny_stage_networks(models)
+    state = net.state_dict()
+    info = stage_checkpoint_info(net, str(models / "autoencoder.pt"), SCHEDULE)
+    torch.save({"network": state, "ema": state, **info}, models / "model.pt")
     return models
 
 
@@ -255,7 +221,7 @@ def test_positive_control_flags_an_overfitted_model():
     from monai.networks.schedulers import DDPMScheduler
 
     torch.manual_seed(0)
-    net = ConditionalDiffusionUNet(
+    net = ConditionalDiffusionUNet(  # smaller than helpers.tiny_unet: no attention, 8/16 channels
         attribute_dim=8,
         attribute_heads=2,
         spatial_dims=3,
