@@ -103,9 +103,16 @@ class AttributeEncoder(nn.Module):
         num_attributes: number of attributes A.
         dim: token size (the UNet's ``cross_attention_dim``).
         num_heads: heads of the self-attention across tokens.
+        global_dim: size of the global embedding; None: none.
     """
 
-    def __init__(self, num_attributes: int = len(ATTRIBUTE_NAMES), dim: int = 64, num_heads: int = 4) -> None:
+    def __init__(
+        self,
+        num_attributes: int = len(ATTRIBUTE_NAMES),
+        dim: int = 64,
+        num_heads: int = 4,
+        global_dim: int | None = None,
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ConfigError(f"attribute encoder: dim ({dim}) must be divisible by num_heads ({num_heads})")
@@ -116,6 +123,17 @@ class AttributeEncoder(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.out_norm = nn.LayerNorm(dim)
+        self.global_mlp = (
+            nn.Sequential(nn.Linear(2 * num_attributes, global_dim), nn.SiLU(), nn.Linear(global_dim, global_dim))
+            if global_dim
+            else None
+        )
+
+    def global_embedding(self, condition: torch.Tensor) -> torch.Tensor:
+        """Map a (B, A, 2) condition to one (B, global_dim) vector (any non-zero flag means missing)."""
+        missing = condition[..., 1] != 0
+        values = torch.where(missing, torch.zeros_like(condition[..., 0]), condition[..., 0])
+        return self.global_mlp(torch.cat([values, missing.to(values.dtype)], dim=1))
 
     def forward(self, condition: torch.Tensor) -> torch.Tensor:
         """Map a (B, A, 2) condition to (B, A, dim) tokens."""
@@ -146,10 +164,18 @@ class ConditionalDiffusionUNet(nn.Module):
     The forward signature matches what MONAI's ``DiffusionInferer`` calls
     (``x, timesteps, context``), with ``context`` the (B, A, 2) attribute condition.
 
+    With ``global_conditioning``, the condition also reaches every residual block: the attribute
+    encoder's global embedding (:meth:`AttributeEncoder.global_embedding`) is added to the
+    timestep embedding through MONAI's class-embedding slot (``num_class_embeds = 1``, its lookup
+    table replaced by the identity, so the "class label" passed is the embedding itself).
+    Cross-attention alone starts from MONAI's zero-initialised projections and picks the
+    attributes up slowly; a short training needs this path (docs/README.md, "Demo recipe").
+
     Args:
         attribute_dim: token size of the attribute encoder (= cross-attention dim).
         attribute_heads: heads of the attribute self-attention.
         num_attributes: number of attributes.
+        global_conditioning: also add a global attribute embedding to the timestep embedding.
         unet_kwargs: forwarded to ``DiffusionModelUNet`` (``with_conditioning`` and
             ``cross_attention_dim`` are set here).
     """
@@ -159,15 +185,24 @@ class ConditionalDiffusionUNet(nn.Module):
         attribute_dim: int = 64,
         attribute_heads: int = 4,
         num_attributes: int = len(ATTRIBUTE_NAMES),
+        global_conditioning: bool = False,
         **unet_kwargs,
     ) -> None:
         super().__init__()
         self.init_kwargs = dict(
             attribute_dim=attribute_dim, attribute_heads=attribute_heads, num_attributes=num_attributes, **unet_kwargs
         )
-        self.attribute_encoder = AttributeEncoder(num_attributes, attribute_dim, attribute_heads)
+        if global_conditioning:  # kept out of older checkpoints' architecture entries
+            self.init_kwargs["global_conditioning"] = True
+            unet_kwargs["num_class_embeds"] = 1
+        time_embed_dim = 4 * list(unet_kwargs.get("channels", (32, 64, 64)))[0]  # DiffusionModelUNet's
+        self.attribute_encoder = AttributeEncoder(
+            num_attributes, attribute_dim, attribute_heads, time_embed_dim if global_conditioning else None
+        )
         unet_kwargs.update(with_conditioning=True, cross_attention_dim=attribute_dim)
         self.unet = DiffusionModelUNet(**unet_kwargs)
+        if global_conditioning:
+            self.unet.class_embedding = nn.Identity()
         self.num_attributes = num_attributes
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -175,7 +210,10 @@ class ConditionalDiffusionUNet(nn.Module):
         if context is None:  # unconditional: every attribute missing
             context = torch.zeros(x.shape[0], self.num_attributes, 2, device=x.device, dtype=x.dtype)
             context[..., 1] = 1.0
-        return self.unet(x, timesteps, context=self.attribute_encoder(context))
+        tokens = self.attribute_encoder(context)
+        if self.attribute_encoder.global_mlp is None:
+            return self.unet(x, timesteps, context=tokens)
+        return self.unet(x, timesteps, context=tokens, class_labels=self.attribute_encoder.global_embedding(context))
 
 
 def check_latent_shape(spatial_size: Sequence[int], latent_shape: Sequence[int], autoencoder: SliceAutoencoder) -> None:

@@ -78,7 +78,51 @@ def demo(
     return "\n".join(lines)
 
 
+def timed(log: str, stage: str, command: Sequence[str]) -> int:
+    """Run ``command``, append ``stage<TAB>seconds<TAB>exit status`` to ``log``; return its exit status.
+
+    ``make demo`` runs every step through this (``python -m scripts.summary timed LOG STAGE CMD...``)
+    so that :func:`stage_times` can print each stage's share of the wall time at the end.
+    """
+    import os
+    import subprocess
+    import time
+
+    start = time.monotonic()
+    status = subprocess.call(list(command))
+    os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"{stage}\t{time.monotonic() - start:.1f}\t{status}\n")
+    return status
+
+
+def stage_times(log: str = "outputs/demo_times.tsv") -> str:
+    """The table of stage wall times recorded by :func:`timed` (each stage, its share, the total)."""
+    import os
+
+    if not os.path.isfile(log):
+        return f"no stage times in {log}"
+    rows = []
+    with open(log) as f:
+        for line in f:
+            stage, seconds, status = line.rstrip("\n").split("\t")
+            rows.append((stage, float(seconds), int(status)))
+    total = sum(s for _, s, _ in rows) or 1.0
+    width = max(len(r[0]) for r in rows)
+    lines = [f"Wall time per stage ({log})"]
+    for stage, seconds, status in rows:
+        failed = "" if status == 0 else f"  (exit status {status})"
+        share = 100 * seconds / total
+        lines.append(f"  {stage:<{width}}  {seconds // 60:2.0f} min {seconds % 60:4.1f} s  {share:5.1f} %{failed}")
+    lines.append(f"  {'total':<{width}}  {total // 60:2.0f} min {total % 60:4.1f} s")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) > 3 and sys.argv[1] == "timed":  # not through fire: the command's own --flags stay its own
+        sys.exit(timed(sys.argv[2], sys.argv[3], sys.argv[4:]))
     import fire
 
-    fire.Fire({"demo": demo})
+    fire.Fire({"demo": demo, "times": stage_times})
