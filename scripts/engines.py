@@ -92,6 +92,12 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         condition[..., 1] = torch.where(drop, torch.ones_like(condition[..., 1]), condition[..., 1])
         return condition
 
+    def latents_of(
+        self, batchdata: dict[str, Any], device: str | torch.device | None = None, non_blocking: bool = False
+    ) -> torch.Tensor:
+        """The batch's scaled latents (encoded here; a cache can override this)."""
+        return self.encode(batchdata["image"].to(device=device, non_blocking=non_blocking))
+
     def __call__(
         self,
         batchdata: dict[str, torch.Tensor],
@@ -99,8 +105,7 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
-        images = batchdata["image"].to(device=device, non_blocking=non_blocking)
-        latents = self.encode(images)
+        latents = self.latents_of(batchdata, device, non_blocking)
         generator = None if self.seed is None else _batch_generator(batchdata, self.seed)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         timesteps = torch.randint(0, self.num_train_timesteps, (latents.shape[0],), generator=generator).to(

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from scripts.engines import LatentDiffusionPrepareBatch, _batch_generator, make_condition
+from scripts.engines import LatentDiffusionPrepareBatch
 from scripts.privacy.unit_losses import LatentDiffusionUnitLoss
 
 logger = logging.getLogger(__name__)
@@ -202,25 +202,13 @@ class CachedLatentPrepareBatch(LatentDiffusionPrepareBatch):
             return self.scheduler.get_velocity(images, noise, timesteps)
         return noise
 
-    def __call__(
-        self,
-        batchdata: dict[str, Any],
-        device: str | torch.device | None = None,
-        non_blocking: bool = False,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+    def latents_of(
+        self, batchdata: dict[str, Any], device: str | torch.device | None = None, non_blocking: bool = False
+    ) -> torch.Tensor:
+        """The batch's latents from the cache (the parent's draws and target follow unchanged)."""
         if self.cache is None:
-            return super().__call__(batchdata, device, non_blocking, **kwargs)
-        latents = self.cache.latents(batchdata["id"]).to(device=device, non_blocking=non_blocking)
-        generator = None if self.seed is None else _batch_generator(batchdata, self.seed)
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        timesteps = torch.randint(0, self.num_train_timesteps, (latents.shape[0],), generator=generator).to(
-            latents.device
-        )
-        condition = make_condition(batchdata["attributes"], batchdata["missing"])
-        condition = self.drop_attributes(condition, generator).to(device=device, non_blocking=non_blocking)
-        target = self.get_target(latents, noise, timesteps)
-        return latents, target, (), {"noise": noise, "timesteps": timesteps, "condition": condition}
+            return super().latents_of(batchdata, device, non_blocking)
+        return self.cache.latents(batchdata["id"]).to(device=device, non_blocking=non_blocking)
 
 
 class CachedLatentUnitLoss(LatentDiffusionUnitLoss):
