@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import pytest
 
+from scripts.errors import ConfigError
 from scripts.privacy.accounting import compute_epsilon
 from scripts.privacy.ledger import PrivacyLedger, ancestors, read_report, report_summary
 
@@ -188,3 +190,14 @@ def test_corrupt_ledger_and_report_files_are_named(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"epsilon": 1.0}))
     with pytest.raises(ValueError, match=r"report.json: not a privacy report"):
         read_report(str(tmp_path / "report.json"))
+
+
+def test_noise_off_only_with_an_infinite_target(tmp_path):
+    # the clipping-only baseline of benchmarks/privacy_utility.py: sigma 0 must never pass as a finite epsilon
+    with pytest.raises(ConfigError, match="target_epsilon inf"):
+        ledger(tmp_path, sigma=0.0)
+    with pytest.raises(ConfigError, match="noise_multiplier"):
+        ledger(tmp_path, sigma=-1.0)
+    off = ledger(tmp_path, sigma=0.0, target_epsilon=float("inf"))
+    off.step(noise_multiplier=0.0, sample_rate=0.2)
+    assert math.isinf(off.get_epsilon()) and off.fits(1)

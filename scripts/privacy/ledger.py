@@ -154,6 +154,11 @@ class PrivacyLedger(IAccountant):
                 prior_history, self.target_epsilon, self.delta, self.sample_rate, self.planned_steps, self.accountant
             )
         self.noise_multiplier = float(noise_multiplier)
+        if self.noise_multiplier < 0 or (self.noise_multiplier == 0 and not math.isinf(self.target_epsilon)):
+            raise ConfigError(
+                f"noise_multiplier={noise_multiplier!r}: expected null (calibrated to target_epsilon), a positive "
+                "sigma, or 0 with target_epsilon inf (noise off: no privacy, for non-private baselines)"
+            )
         self.safe_steps = self._safe_steps()
 
     # -- Opacus accountant interface ---------------------------------------------------------------
