@@ -143,8 +143,13 @@ def run_audit(
     control_units: int = 4,
     control_steps: int = 200,
     control_lr: float = 1e-3,
+    weights: str = "ema",
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Membership inference on the private cohort (and the positive control); returns (mia, control)."""
+    """Membership inference on the private cohort (and the positive control) against ``weights`` of the model.
+
+    Returns:
+        (mia, control).
+    """
     from scripts.data import get_dataset
     from scripts.inference import (
         load_matching_autoencoder,
@@ -152,7 +157,7 @@ def run_audit(
         resolve_autoencoder_path,
     )
 
-    network, info = load_model(model_path, device, "ema", bundle_root)
+    network, info = load_model(model_path, device, weights, bundle_root)
     autoencoder = load_matching_autoencoder(resolve_autoencoder_path(None, info, model_path, bundle_root), info, device)
     from monai.networks.schedulers import DDPMScheduler
 
@@ -175,6 +180,7 @@ def run_audit(
         scores.append(audit.unit_scores(losses, units)[1])
     mia = audit.membership_inference(scores[0], scores[1], timesteps, bootstrap, seed)
     mia["privacy_unit"] = unit
+    mia["weights"] = weights
     ctrl = None
     if positive_control:
 
@@ -230,6 +236,7 @@ def evaluate(
     batch_size: int = 4,
     bundle_root: str = ".",
     plots_dir: str | None = None,
+    weights: str = "ema",
 ) -> dict[str, Any]:
     """Evaluate a synthetic set: fidelity, diversity, controllability, sweep and privacy audit.
 
@@ -265,6 +272,8 @@ def evaluate(
         batch_size: volumes per forward pass.
         bundle_root: bundle root (relative model paths).
         plots_dir: folder for the PNG figures; None draws none.
+        weights: the weights of ``model_path`` the audit scores, ``ema`` or ``network``: those the
+            synthetic set was sampled with (its sidecars' ``weights``).
 
     Returns:
         the report dict (``headline`` holds the key numbers; see docs/README.md, "Evaluation").
@@ -426,6 +435,7 @@ def evaluate(
             control_units,
             control_steps,
             control_lr,
+            weights,
         )
         private_train = load_real(real_datalist, "training", size, name="private training")
         heldout = load_real(real_datalist, list(HELDOUT_SPLITS), size, name="private held-out")
