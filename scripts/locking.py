@@ -23,19 +23,22 @@ from scripts.errors import BundleError
 __all__ = ["lock_folder", "release_folder", "FolderLockedError"]
 
 LOCK_NAME = ".lock"
-_held: dict[str, int] = {}  # folder -> open file descriptor of its lock, for this process
+_held: dict[str, int] = {}  # lock file -> its open file descriptor, for this process
 
 
 class FolderLockedError(BundleError, RuntimeError):
     """Another run holds the folder."""
 
 
-def lock_folder(folder: str, run_name: str = "") -> str:
+def lock_folder(folder: str, run_name: str = "", name: str = LOCK_NAME) -> str:
     """Take the exclusive lock of ``folder`` for this process (rank 0 only; re-entrant).
 
     Args:
         folder: the stage's output folder (created if needed).
         run_name: written into the lock file so a refused run can name the holder.
+        name: the lock file's name. The generator's stages share ``.lock`` (they read and write
+            each other's files); a stage whose files no other stage writes (the evaluation's
+            segmenter) takes its own name, so it can run beside them.
 
     Returns:
         the lock file's path.
@@ -43,8 +46,8 @@ def lock_folder(folder: str, run_name: str = "") -> str:
     Raises:
         FolderLockedError: another process holds the lock; the message names it.
     """
-    path = os.path.join(folder, LOCK_NAME)
-    key = os.path.realpath(folder)
+    path = os.path.join(folder, name)
+    key = os.path.realpath(path)
     if idist.get_rank() > 0 or key in _held:
         return path
     os.makedirs(folder, exist_ok=True)
@@ -74,13 +77,14 @@ def lock_folder(folder: str, run_name: str = "") -> str:
     return path
 
 
-def release_folder(folder: str) -> None:
+def release_folder(folder: str, name: str = LOCK_NAME) -> None:
     """Release this process's lock of ``folder`` (the end of the process releases it too).
 
     Args:
         folder: the folder given to :func:`lock_folder`.
+        name: the lock file's name given to :func:`lock_folder`.
     """
-    fd = _held.pop(os.path.realpath(folder), None)
+    fd = _held.pop(os.path.realpath(os.path.join(folder, name)), None)
     if fd is not None:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
