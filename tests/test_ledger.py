@@ -201,3 +201,9 @@ def test_noise_off_only_with_an_infinite_target(tmp_path):
     off = ledger(tmp_path, sigma=0.0, target_epsilon=float("inf"))
     off.step(noise_multiplier=0.0, sample_rate=0.2)
     assert math.isinf(off.get_epsilon()) and off.fits(1)
+    report = off.report({"model": str(tmp_path / "model.pt")})
+    assert math.isinf(report["epsilon"]) and math.isinf(report["stages"][-1]["epsilon_alone"])
+    assert report["covers"].startswith("nothing")
+    # a later DP stage on weights trained without noise cannot promise a finite epsilon
+    with pytest.raises(ConfigError, match="without noise"):
+        PrivacyLedger(settings(), 0.2, 2, prior_stages=report["stages"], path=str(tmp_path / "next.json"))

@@ -57,6 +57,13 @@ def _history(stages: Sequence[Mapping[str, Any]]) -> list[tuple[float, float, in
     return [(float(s["noise_multiplier"]), float(s["sample_rate"]), int(s["steps"])) for s in stages if s["steps"] > 0]
 
 
+def _compose(history: Sequence[tuple[float, float, int]], delta: float, accountant: str) -> float:
+    """:func:`compose_epsilon`, with steps taken without noise (a non-private baseline) making epsilon infinite."""
+    if any(sigma == 0 for sigma, _, steps in history if steps > 0):
+        return math.inf
+    return compose_epsilon(list(history), delta, accountant) if history else 0.0
+
+
 def _read_json(path: str, what: str) -> dict[str, Any]:
     try:
         with open(path) as f:
@@ -149,6 +156,11 @@ class PrivacyLedger(IAccountant):
                 "and left no checkpoint; its privacy cost is composed into this run's epsilon"
             )
         prior_history = _history(self.all_prior)
+        if noise_multiplier is None and any(sigma == 0 for sigma, _, _ in prior_history):
+            raise ConfigError(
+                "an earlier stage on this data ran without noise (epsilon inf): no finite target_epsilon can be met; "
+                "start from weights that did not see the private data without noise"
+            )
         if noise_multiplier is None:
             noise_multiplier = calibrate_noise_after(
                 prior_history, self.target_epsilon, self.delta, self.sample_rate, self.planned_steps, self.accountant
@@ -206,7 +218,7 @@ class PrivacyLedger(IAccountant):
         if self.noise_multiplier == 0 and self.steps > 0:
             return math.inf
         history = _history(self.all_prior) + [tuple(h) for h in self.history]
-        return compose_epsilon(history, self.delta if delta is None else delta, self.accountant) if history else 0.0
+        return _compose(history, self.delta if delta is None else delta, self.accountant)
 
     # -- budget ------------------------------------------------------------------------------------
 
@@ -215,7 +227,7 @@ class PrivacyLedger(IAccountant):
         if self.noise_multiplier == 0 and steps > 0:  # noise off: no privacy, only an infinite target allows it
             return math.isinf(self.target_epsilon)
         history = _history(self.all_prior) + ([(self.noise_multiplier, self.sample_rate, steps)] if steps > 0 else [])
-        return not history or compose_epsilon(history, self.delta, self.accountant) <= self.target_epsilon
+        return not history or _compose(history, self.delta, self.accountant) <= self.target_epsilon
 
     def _safe_steps(self) -> int:
         """Step count known to fit the budget: the plan (checked once), else found by bisection."""
@@ -283,22 +295,24 @@ class PrivacyLedger(IAccountant):
         """
         stages = self.entries()
         for s in stages:
-            s["epsilon_alone"] = compose_epsilon(_history([s]), s["delta"], s["accountant"]) if s["steps"] > 0 else 0.0
+            s["epsilon_alone"] = _compose(_history([s]), s["delta"], s["accountant"])
         unit = self.settings["privacy_unit"]
+        epsilon = self.get_epsilon()
+        covers = (
+            f"({epsilon:.4g}, {self.delta:g})-differential privacy at the {unit} level (one {unit} added "
+            f"to or removed from the private training set {self.settings['dataset']}) for everything derived from "
+            "the model file named below, decoded with the autoencoder file named below: weights and synthetic images"
+        )
+        if math.isinf(epsilon):
+            covers = "nothing: steps without noise (noise_multiplier 0) were taken on the private data; no DP guarantee"
         report = {
-            "epsilon": self.get_epsilon(),
+            "epsilon": epsilon,
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "accountant": self.accountant,
             "composition": f"{self.accountant} accountant over all stages (opacus), not a sum of epsilons",
             "privacy_unit": unit,
-            "covers": (
-                f"({self.get_epsilon():.4g}, {self.delta:g})-differential privacy at the {unit} level (one {unit} "
-                "added "
-                f"to or removed from the private training set {self.settings['dataset']}) for everything derived from "
-                "the model file named below, decoded with the autoencoder file named below: weights and synthetic "
-                "images"
-            ),
+            "covers": covers,
             "assumptions": [
                 f"the number of private units (n = {self.settings['units']}) and records ({self.settings['records']}) "
                 "is public: it sets the sample rate q = logical_batch_size / n and is written in this report, the log "
