@@ -74,7 +74,7 @@ class Stages:
         self.times.append((name, time.monotonic() - start))
         if status != 0:
             tail = log.read_text(errors="replace").splitlines()[-15:]
-            raise SystemExit(f"{name} failed (exit status {status}); log {log}:\n" + "\n".join(tail))
+            raise RuntimeError(f"{name} failed (exit status {status}); log {log}:\n" + "\n".join(tail))
 
     def table(self) -> str:
         """Each stage's wall time and the total."""
@@ -308,8 +308,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         }
 
     # runs side by side, one core each (the small networks gain little from a second thread)
+    def guarded(run: tuple[str, float]) -> dict | None:
+        try:
+            return one_run(*run)
+        except RuntimeError as e:  # the other runs go on; the failure is printed and left out of the table
+            print(e, flush=True)
+            return None
+
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(lambda run: one_run(*run), plan))
+        rows = [r for r in pool.map(guarded, plan) if r is not None]
+    if len(rows) < len(plan):
+        print(f"{len(plan) - len(rows)} of {len(plan)} runs failed (above); the table has the others")
 
     print(
         f"\nPrivate cohort: {args.private_subjects} subjects ({train_subjects} training), DP steps {args.steps} "
