@@ -468,8 +468,11 @@ def test_report_is_written_atomically(tmp_path, monkeypatch):
         },
         "timings_s": {"total": 0.0},
     }
+    # a model trained without noise (the benchmark's baseline): infinite epsilon
+    fake["privacy"] = {"epsilon": float("inf"), "delta": 1e-5, "privacy_unit": "subject"}
     json_path, md_path = rep.write_report(fake, str(tmp_path))
     assert json.loads(open(json_path).read())["headline"]["lv_found_rate"] is None  # NaN -> null
+    assert "epsilon = inf (steps without noise" in open(md_path).read()
     import scripts.files
 
     def fail(*args, **kwargs):

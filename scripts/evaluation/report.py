@@ -61,11 +61,12 @@ def markdown(report: Mapping[str, Any]) -> str:
         "",
     ]
     priv = report.get("privacy")
-    lines.append(
-        f"Model privacy: epsilon = {priv['epsilon']:.3g}, delta = {priv['delta']:g}, {priv['privacy_unit']}-level."
-        if priv
-        else f"Model privacy: {report.get('privacy_warning', 'unknown')}"
-    )
+    if priv:
+        # an infinite epsilon (a run without noise) is null in the JSON report
+        eps = "inf (steps without noise: no DP guarantee)" if priv["epsilon"] is None else f"{priv['epsilon']:.3g}"
+        lines.append(f"Model privacy: epsilon = {eps}, delta = {priv['delta']:g}, {priv['privacy_unit']}-level.")
+    else:
+        lines.append(f"Model privacy: {report.get('privacy_warning', 'unknown')}")
     lines += ["", "## Headline", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in h.items()]
     lines += ["", "## Segmenter (the measuring instrument) on held-out real volumes", ""]
