@@ -18,7 +18,8 @@ Every model comes from the bundle's own entry points (``python -m monai.bundle r
    network of the same architecture (the public autoencoder is kept: "from scratch" is about the
    diffusion model) at epsilon = 10 and without noise (what the same steps learn from scratch
    at all). All runs train every weight (``finetune_scope all``), so they differ only in their
-   starting point and their noise;
+   starting point and their noise. The pre-trained model itself (no private step; its EMA weights,
+   which fine-tuning starts from) is the reference row ``public``;
 4. each model samples the same requests (attribute rows of the PUBLIC cohort, ED/ES pairs sharing a
    seed; nothing private) with its raw weights (an EMA over a 30-step run is mostly its starting
    point), and the evaluation stage measures them: ``FD_seg3d`` against the private test split,
@@ -135,36 +136,41 @@ def run_name(init: str, epsilon: float) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Distance and LVEDV r against epsilon (pre-trained line, from-scratch point)."""
+    """Distance and LVEDV r against epsilon: pre-trained line, from-scratch points, the public model as a level."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    finite = [r["epsilon"] for r in rows if not math.isinf(r["epsilon"])]
+    trained = [r for r in rows if r["init"] != "public"]
+    finite = [r["epsilon"] for r in trained if not math.isinf(r["epsilon"])]
     x_inf = 2 * max(finite) if finite else 20.0  # epsilon = inf drawn to the right of the largest finite one
 
     def x(r: dict) -> float:
         return x_inf if math.isinf(r["epsilon"]) else r["epsilon"]
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
     for ax, key, label in (
-        (axes[0], "FD_seg3d_real_vs_synthetic", "FD_seg3d to private test (lower is better)"),
-        (axes[1], "lvedv_pearson_r", "LVEDV r, requested vs measured"),
+        (axes[0], "FD_seg3d_real_vs_synthetic", "FD_seg3d to the private test split (lower is better)"),
+        (axes[1], "lvedv_pearson_r", "LVEDV r, requested vs measured (higher is better)"),
     ):
         for init, style in (("pretrained", "o-"), ("scratch", "s")):
-            pts = sorted((x(r), r[key]) for r in rows if r["init"] == init and r.get(key) is not None)
+            pts = sorted((x(r), r[key]) for r in trained if r["init"] == init and r.get(key) is not None)
             if pts:
-                ax.plot(*zip(*pts), style, label=f"{init}", markersize=7)
+                ax.plot(*zip(*pts), style, label=f"DP training from {init}", markersize=7)
+        public = next((r.get(key) for r in rows if r["init"] == "public"), None)
+        if public is not None:
+            ax.axhline(public, color="tab:green", linestyle="--", label="pre-trained, no private data")
         ref = next((r.get("FD_seg3d_real_vs_real") for r in rows), None)
         if key.startswith("FD") and ref is not None:
             ax.axhline(ref, color="grey", linestyle=":", label="real vs real")
         ax.set_xscale("log")
-        ticks = sorted({x(r) for r in rows})
-        ax.set_xticks(ticks, ["inf" if t == x_inf else f"{t:g}" for t in ticks])
-        ax.set_xlabel("epsilon (subject-level)")
+        ticks = sorted({x(r) for r in trained})
+        ax.set_xticks(ticks, ["inf\n(no noise)" if t == x_inf else f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("epsilon (subject-level, delta 1e-5)")
         ax.set_title(label, fontsize=9)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     from scripts.files import atomic_path
 
@@ -183,7 +189,7 @@ def table(rows: list[dict]) -> str:
     head = f"{'init':<11} {'epsilon':>7} {'sigma':>6} {'steps':>5} {'FD_seg3d':>9} {'LV found':>9} {'LVEDV r':>8}"
     lines = [head + f" {'MIA AUC':>8}"]
     for r in rows:
-        eps = "inf" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g}"
+        eps = "-" if r["init"] == "public" else "inf" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g}"
         lines.append(
             f"{r['init']:<11} {eps:>7} {_cell(r, 'noise_multiplier', '.3f'):>6} {_cell(r, 'steps', 'd'):>5} "
             f"{_cell(r, 'FD_seg3d_real_vs_synthetic', '.3f'):>9} {_cell(r, 'lv_found_rate', '.2f'):>9} "
@@ -255,33 +261,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
         train_subjects = len({it.get("subject") or it["id"] for it in json.load(f)["training"]})
     q = min(1.0, args.logical_batch_size / train_subjects)
     epochs = max(1, round(args.steps / int(1 / q)))  # the ledger plans epochs of int(1/q) steps
-    plan = [("pretrained", e) for e in args.epsilons] + [("scratch", e) for e in args.scratch_epsilons]
+    plan = [("public", 0.0)] + [("pretrained", e) for e in args.epsilons]
+    plan += [("scratch", e) for e in args.scratch_epsilons]
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
 
     def one_run(init: str, epsilon: float) -> dict:
         name = run_name(init, epsilon)
         out = work / "runs" / name
         report = out / "eval" / "report.json"
+        # "public": the pre-trained model before any private step (its EMA weights, as fine-tuning starts from them)
+        model, weights = (models / "diffusion.pt", "ema") if init == "public" else (out / "model.pt", "network")
         if not done(report):
-            eps = ["--target_epsilon", "inf", "--noise_multiplier", "0"] if math.isinf(epsilon) else []
-            stages.run(
-                f"{name}: DP training",
-                [*BUNDLE, "training", "--config_file", DP, *root, "--resume", "False"]
-                + ["--ckpt_dir", str(out), "--autoencoder_path", str(models / "autoencoder.pt")]
-                + ["--pretrained_path", str(models / ("diffusion.pt" if init == "pretrained" else "scratch.pt"))]
-                + (eps or ["--target_epsilon", str(epsilon)])
-                + ["--target_delta", str(args.delta), "--epochs", str(epochs)]
-                + ["--logical_batch_size", str(args.logical_batch_size), "--lr", str(args.lr)]
-                + ["--finetune_scope", "all"],
-                logs / f"{name}_train.log",
-                env,
-            )
-            model = out / "model.pt"
+            if init != "public":
+                eps = ["--target_epsilon", "inf", "--noise_multiplier", "0"] if math.isinf(epsilon) else []
+                stages.run(
+                    f"{name}: DP training",
+                    [*BUNDLE, "training", "--config_file", DP, *root, "--resume", "False"]
+                    + ["--ckpt_dir", str(out), "--autoencoder_path", str(models / "autoencoder.pt")]
+                    + ["--pretrained_path", str(models / ("diffusion.pt" if init == "pretrained" else "scratch.pt"))]
+                    + (eps or ["--target_epsilon", str(epsilon)])
+                    + ["--target_delta", str(args.delta), "--epochs", str(epochs)]
+                    + ["--logical_batch_size", str(args.logical_batch_size), "--lr", str(args.lr)]
+                    + ["--finetune_scope", "all"],
+                    logs / f"{name}_train.log",
+                    env,
+                )
             stages.run(
                 f"{name}: synthesis ({n_requests} volumes)",
                 [*BUNDLE, "inference", "--config_file", "configs/inference.yaml", *root]
                 + ["--model_path", str(model), "--report_path", str(out / "privacy_report.json")]
-                + ["--weights", "network", "--attributes_csv", str(requests)]
+                + ["--weights", weights, "--attributes_csv", str(requests)]
                 + ["--output_dir", str(out / "synthetic"), "--overwrite", "True", "--progress", "False"],
                 logs / f"{name}_synthesis.log",
                 env,
@@ -289,20 +298,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
             stages.run(
                 f"{name}: evaluation",
                 [*BUNDLE, "evaluating", "--config_file", "configs/evaluate.yaml", *root]
-                + ["--synthetic_dir", str(out / "synthetic"), "--model_path", str(model), "--weights", "network"]
+                + ["--synthetic_dir", str(out / "synthetic"), "--model_path", str(model), "--weights", weights]
                 + ["--output_dir", str(out / "eval")],
                 logs / f"{name}_evaluation.log",
                 env,
             )
         with open(report) as f:
             headline = json.load(f)["headline"]
-        with open(out / "privacy_report.json") as f:
-            stage = json.load(f)["stages"][-1]
+        stage = {}
+        if init != "public":
+            with open(out / "privacy_report.json") as f:
+                stage = json.load(f)["stages"][-1]
         return {
             "init": init,
             "epsilon": epsilon,
             "noise_multiplier": stage.get("noise_multiplier"),
-            "steps": stage.get("steps"),
+            "steps": stage.get("steps", 0),
             "sample_rate": stage.get("sample_rate"),
             **{k: headline.get(k) for k in (*HEADLINE, "FD_seg3d_real_vs_real", "lvedv_n", "mia_auc_ci95")},
         }
