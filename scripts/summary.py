@@ -79,7 +79,7 @@ def demo(
 
 
 def timed(log: str, stage: str, command: Sequence[str]) -> int:
-    """Run ``command``, append ``stage<TAB>seconds<TAB>exit status`` to ``log``; return its exit status.
+    """Run ``command``, append ``stage<TAB>seconds<TAB>exit status<TAB>start time`` to ``log``; return its status.
 
     ``make demo`` runs every step through this (``python -m scripts.summary timed LOG STAGE CMD...``)
     so that :func:`stage_times` can print each stage's share of the wall time at the end.
@@ -88,16 +88,20 @@ def timed(log: str, stage: str, command: Sequence[str]) -> int:
     import subprocess
     import time
 
-    start = time.monotonic()
+    start, started = time.monotonic(), time.time()
     status = subprocess.call(list(command))
     os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
-    with open(log, "a") as f:
-        f.write(f"{stage}\t{time.monotonic() - start:.1f}\t{status}\n")
+    with open(log, "a") as f:  # one short line per append: steps running side by side do not interleave
+        f.write(f"{stage}\t{time.monotonic() - start:.1f}\t{status}\t{started:.1f}\n")
     return status
 
 
 def stage_times(log: str = "outputs/demo_times.tsv") -> str:
-    """The table of stage wall times recorded by :func:`timed` (each stage, its share, the total)."""
+    """The table of stage wall times recorded by :func:`timed`: each stage, its share, the wall time.
+
+    Stages that ran beside another (``make demo`` runs some side by side, one core each) overlap,
+    so the wall time is from the first start to the last end, not the sum of the stages.
+    """
     import os
 
     if not os.path.isfile(log):
@@ -105,16 +109,63 @@ def stage_times(log: str = "outputs/demo_times.tsv") -> str:
     rows = []
     with open(log) as f:
         for line in f:
-            stage, seconds, status = line.rstrip("\n").split("\t")
-            rows.append((stage, float(seconds), int(status)))
-    total = sum(s for _, s, _ in rows) or 1.0
-    width = max(len(r[0]) for r in rows)
+            stage, seconds, status, *started = line.rstrip("\n").split("\t")
+            rows.append((stage, float(seconds), int(status), float(started[0]) if started else None))
+    rows.sort(key=lambda r: r[3] or 0.0)
+    total = sum(r[1] for r in rows) or 1.0
+    starts = [r[3] for r in rows if r[3] is not None]
+    wall = max(r[3] + r[1] for r in rows if r[3] is not None) - min(starts) if starts else total
+    wall = max(wall, 1e-9)
+    width = max(len("sum of the stages"), *(len(r[0]) for r in rows))
     lines = [f"Wall time per stage ({log})"]
-    for stage, seconds, status in rows:
+    for stage, seconds, status, _ in rows:
         failed = "" if status == 0 else f"  (exit status {status})"
-        share = 100 * seconds / total
+        share = 100 * seconds / wall
         lines.append(f"  {stage:<{width}}  {seconds // 60:2.0f} min {seconds % 60:4.1f} s  {share:5.1f} %{failed}")
-    lines.append(f"  {'total':<{width}}  {total // 60:2.0f} min {total % 60:4.1f} s")
+    lines.append(f"  {'sum of the stages':<{width}}  {total // 60:2.0f} min {total % 60:4.1f} s")
+    lines.append(f"  {'wall time':<{width}}  {wall // 60:2.0f} min {wall % 60:4.1f} s  (share: of the wall time)")
+    return "\n".join(lines)
+
+
+# The demo's acceptance checks: (report, headline key, comparison, threshold, label).
+# "public" is the pre-trained model without DP, "dp" the model fine-tuned at epsilon = 10.
+DEMO_CHECKS = (
+    ("public", "lv_found_rate", ">=", 0.90, "public model: LV found"),
+    ("public", "lvedv_pearson_r", ">=", 0.80, "public model: LVEDV r (requested vs measured)"),
+    ("dp", "lv_found_rate", ">=", 0.80, "DP model: LV found"),
+    ("dp", "lvedv_pearson_r", ">=", 0.60, "DP model: LVEDV r (aim)"),
+    ("dp", "sweep_spearman_rho", ">=", 0.90, "DP model: LVEDV sweep Spearman rho"),
+)
+
+
+def checks(public_report: str = "eval/public/report.json", dp_report: str = "eval/report.json") -> str:
+    """The demo's acceptance checks, read from two evaluation reports, one line each with pass/FAIL.
+
+    Args:
+        public_report: evaluation report of the public pre-trained model's samples.
+        dp_report: evaluation report of the DP model's samples and sweep.
+
+    Returns:
+        the table as text (a missing report or number is shown as such, never as a pass).
+    """
+    import json
+    import os
+
+    reports = {}
+    for name, path in (("public", public_report), ("dp", dp_report)):
+        if os.path.isfile(path):
+            with open(path) as f:
+                reports[name] = json.load(f).get("headline", {})
+    lines = ["Demo checks (evaluation stage)"]
+    for name, key, op, threshold, label in DEMO_CHECKS:
+        value = reports.get(name, {}).get(key)
+        if value is None:
+            lines.append(f"  {label:<48} {'missing':>8}   {op} {threshold:g}  FAIL")
+            continue
+        ok = value >= threshold
+        lines.append(f"  {label:<48} {value:8.3f}   {op} {threshold:g}  {'pass' if ok else 'FAIL'}")
+    for name, path in (("public", public_report), ("dp", dp_report)):
+        lines.append(f"  {name} report: {path.replace('.json', '.md')}")
     return "\n".join(lines)
 
 
@@ -125,4 +176,4 @@ if __name__ == "__main__":
         sys.exit(timed(sys.argv[2], sys.argv[3], sys.argv[4:]))
     import fire
 
-    fire.Fire({"demo": demo, "times": stage_times})
+    fire.Fire({"demo": demo, "times": stage_times, "checks": checks})

@@ -34,7 +34,7 @@ def _bundle_root(monkeypatch):
     sorted(
         p.stem
         for p in (ROOT / "configs").glob("*.yaml")
-        if not p.stem.startswith(("small_", "multi_gpu_", "schedule_"))
+        if not p.stem.startswith(("small_", "demo_", "multi_gpu_", "schedule_"))
     ),
 )
 def test_every_config_parses(name):
@@ -52,6 +52,26 @@ def test_small_and_multi_gpu_variants_parse(stage):
     }[stage]
     parsed(stage, small)
     parsed(stage, small, OVERLAYS[stage])
+
+
+@pytest.mark.parametrize(
+    "stage,demo",
+    [
+        ("train_autoencoder", "demo_autoencoder"),
+        ("train_diffusion", "demo_diffusion"),
+        ("dp_finetune", "demo_dp_finetune"),
+    ],
+)
+def test_demo_recipe_overrides_only_existing_settings(stage, demo):
+    # a misspelt key in an overlay would add an unused setting, and the demo would silently run another recipe
+    import yaml
+
+    base = parsed(stage, stage.replace("train_", "small_") if stage.startswith("train_") else "small_dp_finetune")
+    with open(ROOT / "configs" / f"{demo}.yaml") as f:
+        keys = list(yaml.safe_load(f))
+    missing = [k for k in keys if base.get(k) is None]
+    assert not missing, f"configs/{demo}.yaml sets {missing}, which configs/{stage}.yaml does not have"
+    parsed(stage, demo)
 
 
 @pytest.mark.parametrize("stage", STAGES)
