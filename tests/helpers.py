@@ -93,7 +93,7 @@ class Records(torch.utils.data.Dataset):
 
 
 def tiny_unet(
-    seed: int | None = 0, head_channels: int = 8, perturb: str | None = "output", std: float = 0.1
+    seed: int | None = 0, head_channels: int = 8, perturb: str | None = "output", std: float = 0.1, **architecture
 ) -> ConditionalDiffusionUNet:
     """A tiny conditioned 3D UNet (latent 4 channels, levels 16/32, attention at the second).
 
@@ -105,20 +105,24 @@ def tiny_unet(
             every all-zero parameter, ``"zero_matrices"`` every all-zero one of 2 or more dimensions, ``"all"``
             every parameter, ``None`` none.
         std: the standard deviation of the perturbation.
+        architecture: overrides of the keyword arguments below (e.g. ``global_conditioning=True``).
     """
     if seed is not None:
         torch.manual_seed(seed)
     net = ConditionalDiffusionUNet(
-        attribute_dim=16,
-        attribute_heads=2,
-        spatial_dims=3,
-        in_channels=4,
-        out_channels=4,
-        channels=[16, 32],
-        attention_levels=[False, True],
-        num_res_blocks=1,
-        num_head_channels=[0, head_channels],
-        norm_num_groups=8,
+        **{
+            "attribute_dim": 16,
+            "attribute_heads": 2,
+            "spatial_dims": 3,
+            "in_channels": 4,
+            "out_channels": 4,
+            "channels": [16, 32],
+            "attention_levels": [False, True],
+            "num_res_blocks": 1,
+            "num_head_channels": [0, head_channels],
+            "norm_num_groups": 8,
+            **architecture,
+        }
     )
     params = {
         None: [],

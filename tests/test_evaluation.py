@@ -21,9 +21,8 @@ from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.errors import DataError, MissingInputError
 from scripts.evaluation import audit, control, diversity, features, fidelity, segmenter
 from scripts.evaluation.volumes import load_real, load_synthetic, to_network_layout
-from scripts.networks import ConditionalDiffusionUNet
 
-from helpers import stage_checkpoint_info, tiny_stage_networks
+from helpers import stage_checkpoint_info, tiny_stage_networks, tiny_unet
 
 SCHEDULE = {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1.0e-4, "beta_end": 7.0e-2}
 SEG = "['configs/train_segmenter.yaml','configs/small_segmenter.yaml']"
@@ -220,19 +219,8 @@ def test_positive_control_flags_an_overfitted_model():
     """A non-DP copy over-fitted on 3 units is flagged by the same attack code (AUC >= 0.8)."""
     from monai.networks.schedulers import DDPMScheduler
 
-    torch.manual_seed(0)
-    net = ConditionalDiffusionUNet(  # smaller than helpers.tiny_unet: no attention, 8/16 channels
-        attribute_dim=8,
-        attribute_heads=2,
-        spatial_dims=3,
-        in_channels=4,
-        out_channels=4,
-        channels=[8, 16],
-        attention_levels=[False, False],
-        num_res_blocks=1,
-        num_head_channels=[0, 8],
-        norm_num_groups=8,
-    )
+    # smaller than the default tiny UNet: no attention, 8/16 channels
+    net = tiny_unet(perturb=None, attribute_dim=8, channels=[8, 16], attention_levels=[False, False])
     gen = torch.Generator().manual_seed(0)
     members, nonmembers = _units_latents(3, 0, gen), _units_latents(3, 10, gen)
     scheduler = DDPMScheduler(**SCHEDULE, clip_sample=False)

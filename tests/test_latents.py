@@ -137,20 +137,7 @@ def test_v_prediction_targets_in_pretraining_and_dp():
 def test_global_conditioning_reaches_the_output_and_treats_cfg_condition_as_missing():
     from scripts.networks import ConditionalDiffusionUNet
 
-    torch.manual_seed(0)
-    net = ConditionalDiffusionUNet(
-        attribute_dim=16,
-        attribute_heads=2,
-        global_conditioning=True,
-        spatial_dims=3,
-        in_channels=4,
-        out_channels=4,
-        channels=[16, 32],
-        attention_levels=[False, True],
-        num_res_blocks=1,
-        num_head_channels=[0, 8],
-        norm_num_groups=8,
-    )
+    net = tiny_unet(perturb=None, global_conditioning=True)
     assert net.init_kwargs["global_conditioning"] is True
     rebuilt = ConditionalDiffusionUNet(**net.init_kwargs)
     rebuilt.load_state_dict(net.state_dict())
