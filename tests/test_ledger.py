@@ -207,3 +207,18 @@ def test_noise_off_only_with_an_infinite_target(tmp_path):
     # a later DP stage on weights trained without noise cannot promise a finite epsilon
     with pytest.raises(ConfigError, match="without noise"):
         PrivacyLedger(settings(), 0.2, 2, prior_stages=report["stages"], path=str(tmp_path / "next.json"))
+
+
+def test_memoised_rdp_returns_what_opacus_computes():
+    """scripts.privacy.accounting caches Opacus's per-order RDP (a pure function); values stay Opacus's own."""
+    from opacus.accountants.analysis import rdp
+
+    from scripts.privacy.accounting import _memoise_opacus_rdp, compute_epsilon
+
+    compute_epsilon(0.5, 1.0, 8, 1e-5, accountant="rdp")  # installs the cache
+    _memoise_opacus_rdp()  # a second call does not wrap it again
+    assert hasattr(rdp._compute_rdp, "cache_info") and not hasattr(rdp._compute_rdp.__wrapped__, "cache_info")
+    original = rdp._compute_rdp.__wrapped__
+    for q, sigma, alpha in [(0.5, 0.9564, 1.5), (0.01, 1.1, 32.0), (1.0, 2.0, 3.0), (0.3, 0.7, 10.9)]:
+        for _ in range(2):  # computed, then from the cache
+            assert rdp._compute_rdp(q, sigma, alpha) == original(q, sigma, alpha)
