@@ -51,11 +51,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from scripts.demo import AUTOENCODER, DIFFUSION, DP, SEGMENTER  # noqa: E402 (the demo recipe's config lists)
+
 BUNDLE = [sys.executable, "-m", "monai.bundle", "run"]
-AUTOENCODER = "['configs/train_autoencoder.yaml','configs/small_autoencoder.yaml','configs/demo_autoencoder.yaml']"
-DIFFUSION = "['configs/train_diffusion.yaml','configs/small_diffusion.yaml','configs/demo_diffusion.yaml']"
-DP = "['configs/dp_finetune.yaml','configs/small_dp_finetune.yaml','configs/demo_dp_finetune.yaml']"
-SEGMENTER = "['configs/train_segmenter.yaml','configs/small_segmenter.yaml']"
 HEADLINE = ("FD_seg3d_real_vs_synthetic", "lv_found_rate", "lvedv_pearson_r", "mia_auc")
 
 

@@ -78,26 +78,25 @@ def demo(
     return "\n".join(lines)
 
 
-def timed(log: str, stage: str, command: Sequence[str]) -> int:
-    """Run ``command``, append ``stage<TAB>seconds<TAB>exit status<TAB>start time`` to ``log``; return its status.
+def record_time(log: str, stage: str, seconds: float, status: int, started: float) -> None:
+    """Append ``stage<TAB>seconds<TAB>exit status<TAB>start time`` to ``log`` (read by :func:`stage_times`).
 
-    ``make demo`` runs every step through this (``python -m scripts.summary timed LOG STAGE CMD...``)
-    so that :func:`stage_times` can print each stage's share of the wall time at the end.
+    Args:
+        log: the stage-times file.
+        stage: the stage's name.
+        seconds: its wall time.
+        status: its exit status.
+        started: its start (``time.time()``).
     """
     import os
-    import subprocess
-    import time
 
-    start, started = time.monotonic(), time.time()
-    status = subprocess.call(list(command))
     os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
     with open(log, "a") as f:  # one short line per append: steps running side by side do not interleave
-        f.write(f"{stage}\t{time.monotonic() - start:.1f}\t{status}\t{started:.1f}\n")
-    return status
+        f.write(f"{stage}\t{seconds:.1f}\t{status}\t{started:.1f}\n")
 
 
 def stage_times(log: str = "outputs/demo_times.tsv") -> str:
-    """The table of stage wall times recorded by :func:`timed`: each stage, its share, the wall time.
+    """The table of stage wall times recorded by :func:`record_time`: each stage, its share, the wall time.
 
     Stages that ran beside another (``make demo`` runs some side by side, one core each) overlap,
     so the wall time is from the first start to the last end, not the sum of the stages.
@@ -170,10 +169,6 @@ def checks(public_report: str = "eval/public/report.json", dp_report: str = "eva
 
 
 if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) > 3 and sys.argv[1] == "timed":  # not through fire: the command's own --flags stay its own
-        sys.exit(timed(sys.argv[2], sys.argv[3], sys.argv[4:]))
     import fire
 
     fire.Fire({"demo": demo, "times": stage_times, "checks": checks})
