@@ -238,7 +238,7 @@ def run_steps(steps: Sequence[Step], times: str, cores: int = 2) -> int:
     todo, done, running = list(steps), set(), {}  # running: pid -> (step, monotonic start, wall start)
     failed = 0
     while todo or running:
-        free = cores - sum(step.threads for step, _, _ in running.values())
+        free = cores - sum(min(step.threads, cores) for step, _, _ in running.values())
         startable = [] if failed else [s for s in todo if set(s.needs) <= done]
         for step in startable:
             # a step wider than the machine runs alone
@@ -246,8 +246,7 @@ def run_steps(steps: Sequence[Step], times: str, cores: int = 2) -> int:
                 continue
             where = f" (output in {step.log})" if step.log else ""
             print(f"== {step.name}{where}: python -m {step.module} {_shell(step.argv)}", flush=True)
-            sys.stdout.flush()
-            sys.stderr.flush()
+            sys.stderr.flush()  # nothing buffered is written twice (by the parent and the child)
             pid = os.fork()
             if pid == 0:
                 _run_child(step)
@@ -255,7 +254,9 @@ def run_steps(steps: Sequence[Step], times: str, cores: int = 2) -> int:
             todo.remove(step)
             free -= min(step.threads, cores)
         if not running:
-            break  # nothing runs and nothing can start: a failure stopped the rest
+            if not failed:  # nothing runs, nothing failed, yet steps are left: their needs form a cycle
+                raise ValueError(f"demo steps: the needs of {[s.name for s in todo]} can never all be met")
+            break  # a failure stopped the rest
         pid, status = os.wait()
         step, start, started = running.pop(pid)
         seconds, status = time.monotonic() - start, os.waitstatus_to_exitcode(status)

@@ -91,6 +91,14 @@ def test_unknown_need_is_refused(fake_step, tmp_path):
         run_steps([step("a", needs=["nowhere"])], str(tmp_path / "times.tsv"))
 
 
+def test_needs_in_a_cycle_are_refused_not_skipped(fake_step, tmp_path):
+    step, timeline = fake_step
+    steps = [step("a"), step("b", needs=["c"]), step("c", needs=["b"])]
+    with pytest.raises(ValueError, match=r"the needs of \['b', 'c'\] can never all be met"):
+        run_steps(steps, str(tmp_path / "times.tsv"))
+    assert ("end", "a") in timeline() and ("start", "b") not in timeline()
+
+
 def test_demo_steps_name_existing_configs_and_evaluate_after_the_segmenter():
     steps = {s.name: s for s in demo_steps(public_subjects=12, private_subjects=8, logs="logs")}
     assert len(steps) == 10 and all(set(s.needs) <= set(steps) for s in steps.values())

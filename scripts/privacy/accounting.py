@@ -179,7 +179,7 @@ def _memoise_opacus_rdp() -> None:
     the PRV grid with RDP) evaluates it at about 150 orders, and a DP stage asks for epsilon many
     times at the same (q, sigma): the calibration's search, the ledger, each epoch, the report.
     Opacus has no cache, so one is added around that function: it returns exactly what Opacus
-    computes (tests/test_privacy_accounting.py), in a third of the time for the demo's DP stage.
+    computes (tests/test_ledger.py), in half the time for the demo's DP stage.
     """
     from opacus.accountants.analysis import rdp
 
