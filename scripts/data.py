@@ -37,6 +37,7 @@ from monai.utils import look_up_option
 
 from scripts.attributes import ATTRIBUTE_LIMITS, ATTRIBUTE_NAMES, ATTRIBUTE_UNITS, BINARY_ATTRIBUTES
 from scripts.errors import DataError
+from scripts.files import refuse_duplicate_columns
 
 __all__ = [
     "CSV_META_COLUMNS",
@@ -201,6 +202,7 @@ def read_attributes_csv(path: str, ranges: Mapping[str, Sequence[float]] | None 
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
+        refuse_duplicate_columns(path, header)
         if "id" not in header:
             raise DataError(f"{path}: missing column 'id' (header is {header})")
         missing = [n for n in ATTRIBUTE_NAMES if n not in header]

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from scripts.errors import DataError
+
 TEMP_SUFFIX = ".part"
 _GZIP_LEVEL = 6
 
@@ -181,3 +183,15 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
         description: optional header ``descrip``.
     """
     write_bytes_atomic(path, nifti_gz_bytes(array, affine, description))
+
+
+def refuse_duplicate_columns(path: str | os.PathLike, header: Iterable[str]) -> None:
+    """Raise :class:`DataError` when a CSV header names a column twice.
+
+    ``csv.DictReader`` keeps the last of two equal column names without a word, so a table with
+    ``LVEDV`` twice would silently train on its second copy.
+    """
+    names = [str(h).strip() for h in header]
+    duplicated = sorted({h for h in names if names.count(h) > 1})
+    if duplicated:
+        raise DataError(f"{os.fspath(path)}, header: duplicated column(s) {duplicated}")

@@ -41,7 +41,7 @@ from torch import nn
 from scripts.attributes import ATTRIBUTE_NAMES, BINARY_ATTRIBUTES
 from scripts.data import EncodeAttributesd, check_attribute, parse_value
 from scripts.errors import ConfigError, DataError, MissingInputError, OutputExistsError, check_options
-from scripts.files import remove_stale_temp, write_nifti, write_text_atomic
+from scripts.files import refuse_duplicate_columns, remove_stale_temp, write_nifti, write_text_atomic
 from scripts.sampling import EvaluationCounter, decode_latents, sample_latents
 
 logger = logging.getLogger(__name__)
@@ -148,9 +148,7 @@ def read_requests(
         unknown = [h for h in header if h not in ATTRIBUTE_NAMES and h not in REQUEST_COLUMNS]
         if unknown:
             raise DataError(f"{path}, header: unknown column(s) {unknown}; {expected}")
-        duplicated = sorted({h for h in header if header.count(h) > 1})
-        if duplicated:
-            raise DataError(f"{path}, header: duplicated column(s) {duplicated}")
+        refuse_duplicate_columns(path, header)
         requests = []
         for cells in reader:
             if not cells:  # blank line (a request with every attribute missing is a line of commas)

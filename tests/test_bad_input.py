@@ -14,3 +14,55 @@ def test_calibrate_noise_huge_target_answers_with_the_smallest_searched_sigma(ac
         sigma = calibrate_noise(1e6, 1e-5, 0.5, 2, accountant=accountant)
     assert sigma == MIN_NOISE_MULTIPLIER
     assert compute_epsilon(0.5, sigma, 2, 1e-5, accountant=accountant) <= 1e6
+
+
+def _table(path, header: list[str], row: list[str]):
+    path.write_text(",".join(header) + "\n" + ",".join(row) + "\n")
+    return str(path)
+
+
+def test_training_table_with_a_duplicated_column_is_refused(tmp_path):
+    from scripts.attributes import ATTRIBUTE_NAMES
+    from scripts.data import read_attributes_csv
+    from scripts.errors import DataError
+
+    header = ["id", *ATTRIBUTE_NAMES, "LVEDV"]
+    path = _table(tmp_path / "a.csv", header, ["r0", *["1"] * len(ATTRIBUTE_NAMES), "500"])
+    with pytest.raises(DataError, match=r"duplicated column\(s\) \['LVEDV'\]"):
+        read_attributes_csv(path)
+
+
+@pytest.mark.parametrize("value", ["1e30", "1e6"])
+def test_training_table_with_an_absurd_volume_is_refused(tmp_path, value, attribute_ranges):
+    from scripts.attributes import ATTRIBUTE_NAMES
+    from scripts.data import read_attributes_csv
+    from scripts.errors import DataError
+
+    cells = ["100" if n != "LVEDV" else value for n in ATTRIBUTE_NAMES]
+    cells = [c if n not in ("SEX", "ESED") else "1" for n, c in zip(ATTRIBUTE_NAMES, cells)]
+    path = _table(tmp_path / "a.csv", ["id", *ATTRIBUTE_NAMES], ["r0", *cells])
+    with pytest.raises(
+        DataError, match=r"column 'LVEDV': .* is not a possible value; expected a number in \[0, 1000\]"
+    ):
+        read_attributes_csv(path, attribute_ranges)
+
+
+def test_checkpoint_with_non_finite_weights_never_replaces_a_good_one(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from scripts.errors import CheckpointError
+    from scripts.handlers import AtomicCheckpoint
+
+    net = torch.nn.Linear(2, 2)
+    saver = AtomicCheckpoint(str(tmp_path), {"network": net}, "final.pt", "last.pt")
+    engine = SimpleNamespace(state=SimpleNamespace(epoch=1))
+    saver.save(engine, saver.final_path)
+    good = (tmp_path / "final.pt").read_bytes()
+    with torch.no_grad():
+        net.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"network\.weight.*the previous file is kept"):
+        saver.save(engine, saver.final_path)
+    assert (tmp_path / "final.pt").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt"]
