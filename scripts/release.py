@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -195,7 +196,9 @@ def _check_scale_factor(option: str, path: Path, ckpt: dict[str, Any], autoencod
         )
 
 
-def check_weights(autoencoder: Path, diffusion: Path, model: Path | None, report: Path | None) -> list[Asset]:
+def check_weights(
+    autoencoder: Path, diffusion: Path, model: Path | None, report: Path | None, *, allow_non_private: bool = False
+) -> list[Asset]:
     """Check the weights to publish and return them as assets (autoencoder, diffusion[, model, report]).
 
     Args:
@@ -265,6 +268,13 @@ def check_weights(autoencoder: Path, diffusion: Path, model: Path | None, report
         )
     if info.get("status", "complete") != "complete":
         raise ReleaseError(f"--report: {report} has status {info.get('status')!r}; the DP fine-tuning did not complete")
+    epsilon = info.get("epsilon")  # JSON has no inf: a run without noise reports null
+    if (epsilon is None or not math.isfinite(float(epsilon))) and not allow_non_private:
+        raise ReleaseError(
+            f"--model: {model} was trained on the private data WITHOUT noise ({report}: epsilon "
+            f"{'inf' if epsilon is None else epsilon}, covers {info.get('covers', 'nothing')!r}): publishing it "
+            f"publishes the private data. Pass --allow_non_private only if that is intended (the archive then says so)"
+        )
     dp = _load(model, "--model", DP_STAGE)
     if "dp" not in dp:
         raise ReleaseError(
@@ -278,6 +288,12 @@ def check_weights(autoencoder: Path, diffusion: Path, model: Path | None, report
             f"fine-tuned over the public autoencoder can be published"
         )
     return [*assets, _asset(model, "model.pt", digest), _asset(report, "privacy_report.json")]
+
+
+def _report_epsilon(report: Path) -> float | None:
+    """The finite epsilon of a privacy report, or None (a run without noise)."""
+    epsilon = json.loads(report.read_text()).get("epsilon")
+    return None if epsilon is None or not math.isfinite(float(epsilon)) else float(epsilon)
 
 
 def _asset(source: Path, file_name: str, digest: str | None = None) -> Asset:
@@ -300,12 +316,13 @@ def write_weights_only(source: Path, target: Path) -> None:
     torch.save({k: v for k, v in ckpt.items() if k not in TRAINING_STATE_KEYS}, target)
 
 
-def large_files_yaml(assets: Sequence[Asset], base_url: str) -> str:
+def large_files_yaml(assets: Sequence[Asset], base_url: str, non_private: bool = False) -> str:
     """The ``large_files.yml`` of the archive: one entry per asset (path, url, hash_val, hash_type).
 
     Args:
         assets: the published files.
         base_url: where they are uploaded (no trailing slash).
+        non_private: ``model.pt`` was trained on private data without noise (``--allow_non_private``).
 
     Returns:
         the YAML text.
@@ -320,7 +337,12 @@ def large_files_yaml(assets: Sequence[Asset], base_url: str) -> str:
         "# Published weights of this release, fetched into models/ by\n"
         "#   python -m monai.bundle download_large_files --bundle_path <bundle folder>\n"
         "# Each file is checked against its hash. autoencoder.pt and diffusion.pt were trained on PUBLIC data only;\n"
-        "# model.pt (if listed) is DP fine-tuned, with the guarantee stated in models/privacy_report.json.\n"
+        + (
+            "# model.pt was trained on PRIVATE data WITHOUT noise (--allow_non_private): it has NO differential\n"
+            "# privacy guarantee and may reveal its training records; see models/privacy_report.json.\n"
+            if non_private
+            else "# model.pt (if listed) is DP fine-tuned, with the guarantee stated in models/privacy_report.json.\n"
+        )
     )
     return header + yaml.safe_dump({"large_files": entries}, sort_keys=False)
 
@@ -379,6 +401,8 @@ def release(
     report: str | os.PathLike | None = None,
     name: str | None = None,
     strip_training_state: bool = False,
+    *,
+    allow_non_private: bool = False,
 ) -> dict[str, Any]:
     """Build the release in ``out`` (see the module docstring).
 
@@ -394,6 +418,8 @@ def release(
         strip_training_state: publish ``diffusion.pt`` without its resume-only state (optimizer, LR
             scheduler, RNG, trainer): about half the size. ``model.pt`` and ``autoencoder.pt`` are always
             published byte for byte (the privacy report names their SHA-256).
+        allow_non_private: publish a ``model`` whose report has no finite epsilon (trained on the
+            private data without noise); refused otherwise. ``large_files.yml`` then says so.
 
     Returns:
         a summary: name, version, archive, and every written file with its size and SHA-256.
@@ -417,7 +443,8 @@ def release(
             f"--out: {out_dir / archive_name} exists: version {version} is already released in {out_dir}; bump "
             f"'version' (with a 'changelog' entry) in configs/metadata.json or choose another --out"
         )
-    assets = check_weights(ae_path, ldm_path, model_path, report_path)
+    assets = check_weights(ae_path, ldm_path, model_path, report_path, allow_non_private=allow_non_private)
+    non_private = allow_non_private and model_path is not None and _report_epsilon(report_path) is None
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".release_tmp_", dir=out_dir))
@@ -439,7 +466,7 @@ def release(
                     f"--out: {target} exists with other content (published by another release?); its URL and hash "
                     f"would change under that release. Use a new --out folder for each release"
                 )
-        members = write_archive(staging / archive_name, root, name, large_files_yaml(assets, url))
+        members = write_archive(staging / archive_name, root, name, large_files_yaml(assets, url, non_private))
         # rename into place: the published files first, the archive (which names them) last
         for file_name in [a.file_name for a in assets] + [archive_name]:
             target = out_dir / file_name
@@ -503,6 +530,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="publish diffusion.pt without its optimizer/RNG/trainer state (about half the size)",
     )
+    parser.add_argument(
+        "--allow_non_private",
+        action="store_true",
+        help="publish a --model trained on the private data WITHOUT noise (no DP guarantee; refused otherwise)",
+    )
     args = parser.parse_args(argv)
     try:
         summary = release(
@@ -515,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.report,
             args.name,
             args.strip_training_state,
+            allow_non_private=args.allow_non_private,
         )
     except ReleaseError as e:
         print(f"error: {e}", file=sys.stderr)

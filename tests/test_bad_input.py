@@ -66,3 +66,40 @@ def test_checkpoint_with_non_finite_weights_never_replaces_a_good_one(tmp_path):
         saver.save(engine, saver.final_path)
     assert (tmp_path / "final.pt").read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt"]
+
+
+def test_release_refuses_a_model_trained_without_noise_unless_asked(tmp_path):
+    import json
+    import zipfile
+    from pathlib import Path
+
+    import torch
+    from helpers import jittered, stage_checkpoint_info, tiny_stage_networks, write_privacy_report
+
+    from scripts.release import ReleaseError, release
+
+    root = Path(__file__).resolve().parents[1]
+    models = tmp_path / "models"
+    models.mkdir()
+    net = tiny_stage_networks(models)
+    schedule = {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1.0e-4, "beta_end": 7.0e-2}
+    info = stage_checkpoint_info(net, "./models/autoencoder.pt", schedule)
+    state = net.state_dict()
+    torch.save({"network": state, "ema": state, **info}, models / "diffusion.pt")
+    tuned = jittered(state)
+    dp = {"network": tuned, "ema": tuned, "dp": {"steps_done": 4}, "pretrained": "./models/diffusion.pt", **info}
+    torch.save(dp, models / "model.pt")
+    write_privacy_report(models, "./models/model.pt", "./models/autoencoder.pt")
+    report = models / "privacy_report.json"
+    content = json.loads(report.read_text())
+    content.update(epsilon=None, covers="nothing: steps without noise (noise_multiplier 0) were taken")
+    report.write_text(json.dumps(content))
+    args = {"autoencoder": models / "autoencoder.pt", "diffusion": models / "diffusion.pt", "model": models / "model.pt"}
+    out = tmp_path / "release"
+    with pytest.raises(ReleaseError, match="WITHOUT noise.*--allow_non_private"):
+        release(out, "https://example.org/r", root, **args)
+    assert not out.exists()
+    summary = release(out, "https://example.org/r", root, **args, allow_non_private=True)
+    with zipfile.ZipFile(summary["archive"]) as archive:
+        large_files = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("large_files.yml"))
+    assert "WITHOUT noise" in large_files and "NO differential" in large_files
