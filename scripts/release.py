@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scripts.errors import BundleError
+
 HASH_TYPE = "sha256"
 # what the archive holds, relative to the bundle root (folders are copied recursively)
 ARCHIVE_CONTENT = ("configs", "scripts", "docs", "LICENSE", "README.md", "models/README.md")
@@ -62,7 +64,7 @@ TRAINING_STATE_KEYS = ("optimizer", "lr_scheduler", "rng", "trainer", "loss")
 STRIPPABLE = ("diffusion.pt",)
 
 
-class ReleaseError(ValueError):
+class ReleaseError(BundleError, ValueError):
     """Bad release input; the message names the file or option and the expected form."""
 
 

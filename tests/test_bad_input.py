@@ -103,3 +103,26 @@ def test_release_refuses_a_model_trained_without_noise_unless_asked(tmp_path):
     with zipfile.ZipFile(summary["archive"]) as archive:
         large_files = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("large_files.yml"))
     assert "WITHOUT noise" in large_files and "NO differential" in large_files
+
+
+def test_unreachable_tracking_server_ends_in_one_short_error(tmp_path):
+    """MONAI wraps the config's exceptions three deep; a bundle error is reported in a few lines."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:  # a free local port: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CARDIAC_LDM_TRACEBACK", None)
+    argv = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train_autoencoder.yaml"]
+    argv += ["--bundle_root", str(tmp_path), "--tracking_uri", f"http://127.0.0.1:{port}"]
+    done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: MLflow tracking server") and "does not answer" in lines[-1]
+    assert "Traceback" not in done.stderr and len(lines) < 15, done.stderr
