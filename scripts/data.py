@@ -253,7 +253,11 @@ def load_datalist(
         has none) and ``attributes`` (float32 array, NaN = missing).
     """
     if not os.path.isfile(datalist):
-        raise DataError(f"{datalist}: datalist not found (expected a JSON file with a '{split}' list)")
+        raise DataError(
+            f"{datalist}: datalist not found (expected a JSON file with a '{split}' list). The demo's cohorts are "
+            "written by `python -m monai.bundle run --config_file configs/phantom.yaml`; give your own with "
+            "--dataset_dir DIR (a folder holding datalist.json) or --datalist FILE"
+        )
     try:
         with open(datalist) as f:
             content = json.load(f)
