@@ -20,7 +20,7 @@ import difflib
 import inspect
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fire.parser import DefaultParseValue
@@ -30,7 +30,7 @@ from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
 
 from scripts.errors import OPTION_FORMS, ConfigError, check_options
 
-__all__ = ["check_command_line", "command_line", "config_keys"]
+__all__ = ["check_command_line", "check_function_options", "command_line", "config_keys", "refuse_unknown"]
 
 # the arguments `monai.bundle run` takes itself (not config overrides)
 _RUN_ARGUMENTS = frozenset(
@@ -88,6 +88,31 @@ def config_keys(config_file: Any) -> set[str]:
     return set(ConfigParser.load_config_files(_config_files(config_file))) | {"_meta_"}
 
 
+def refuse_unknown(unknown: Sequence[str], known: set[str], why: str) -> None:
+    """Raise :class:`ConfigError` naming each ``unknown`` option with its close matches among ``known``."""
+    if not unknown:
+        return
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(key.split("#", 1)[0], sorted(known), n=3, cutoff=0.6)
+        parts.append(f"--{key}" + (f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""))
+    raise ConfigError(
+        f"unknown option{'s' if len(parts) > 1 else ''} {'; '.join(parts)}: {why}. Fix the spelling"
+        + (", or add the key to a config file if it is meant" if "config" in why else "")
+    )
+
+
+def check_function_options(fn: Callable[..., Any], argv: Sequence[str], program: str) -> None:
+    """Refuse ``--options`` in ``argv`` that ``fn`` (a Fire entry point) does not take.
+
+    Fire calls the function with the options it knows and complains about the rest only after the
+    call returned, so ``python -m scripts.phantom --subject 3`` generated a whole default cohort.
+    """
+    _, options = command_line(argv)
+    known = set(inspect.signature(fn).parameters) | {"help"}
+    refuse_unknown([key for key in options if key not in known], known, f"{program} does not take it")
+
+
 def check_command_line(argv: Sequence[str] | None = None) -> None:
     """Refuse unknown top-level overrides and badly formed option values of a ``monai.bundle`` command.
 
@@ -109,14 +134,7 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
     if options.get("tracking"):
         known |= set(DEFAULT_MLFLOW_SETTINGS["configs"])
     unknown = [key for key in options if key not in _RUN_ARGUMENTS and key.split("#", 1)[0] not in known]
-    if unknown:
-        parts = []
-        for key in unknown:
-            close = difflib.get_close_matches(key.split("#", 1)[0], sorted(known), n=3, cutoff=0.6)
-            parts.append(f"--{key}" + (f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""))
-        raise ConfigError(
-            f"unknown option{'s' if len(parts) > 1 else ''} {'; '.join(parts)}: no config of this stage "
-            f"({options['config_file']}) defines {'them' if len(parts) > 1 else 'it'}, so it would be ignored. "
-            "Fix the spelling, or add the key to a config file if it is meant"
-        )
+    refuse_unknown(
+        unknown, known, f"no config of this stage ({options['config_file']}) defines it, so it would be ignored"
+    )
     check_options(**{key: value for key, value in options.items() if key in OPTION_FORMS})

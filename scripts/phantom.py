@@ -1222,7 +1222,10 @@ def main(
 if __name__ == "__main__":
     import fire
 
+    from scripts.overrides import check_function_options
+
     try:
+        check_function_options(main, sys.argv[1:], "python -m scripts.phantom")
         fire.Fire(main)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -126,3 +126,17 @@ def test_unreachable_tracking_server_ends_in_one_short_error(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error: MLflow tracking server") and "does not answer" in lines[-1]
     assert "Traceback" not in done.stderr and len(lines) < 15, done.stderr
+
+
+def test_phantom_cli_refuses_a_mistyped_option_before_generating(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "cohort"
+    argv = [sys.executable, "-m", "scripts.phantom", "--out", str(out), "--subject", "3"]
+    done = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "unknown option --subject (did you mean --subjects?)" in done.stderr
+    assert not out.exists()  # nothing generated
