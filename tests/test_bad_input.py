@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+import os
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+import torch
+
+from scripts.attributes import ATTRIBUTE_NAMES
+from scripts.data import read_attributes_csv
+from scripts.errors import CheckpointError, DataError
+from scripts.handlers import AtomicCheckpoint
 from scripts.privacy.accounting import MIN_NOISE_MULTIPLIER, calibrate_noise, compute_epsilon
+from scripts.release import ReleaseError, release
+
+from helpers import jittered, stage_checkpoint_info, tiny_stage_networks, write_privacy_report
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.timeout(120)  # a hang guard: the search used to run for minutes at this target
@@ -22,9 +41,6 @@ def _table(path, header: list[str], row: list[str]):
 
 
 def test_training_table_with_a_duplicated_column_is_refused(tmp_path):
-    from scripts.attributes import ATTRIBUTE_NAMES
-    from scripts.data import read_attributes_csv
-    from scripts.errors import DataError
 
     header = ["id", *ATTRIBUTE_NAMES, "LVEDV"]
     path = _table(tmp_path / "a.csv", header, ["r0", *["1"] * len(ATTRIBUTE_NAMES), "500"])
@@ -34,9 +50,6 @@ def test_training_table_with_a_duplicated_column_is_refused(tmp_path):
 
 @pytest.mark.parametrize("value", ["1e30", "1e6"])
 def test_training_table_with_an_absurd_volume_is_refused(tmp_path, value, attribute_ranges):
-    from scripts.attributes import ATTRIBUTE_NAMES
-    from scripts.data import read_attributes_csv
-    from scripts.errors import DataError
 
     cells = ["100" if n != "LVEDV" else value for n in ATTRIBUTE_NAMES]
     cells = [c if n not in ("SEX", "ESED") else "1" for n, c in zip(ATTRIBUTE_NAMES, cells)]
@@ -48,12 +61,6 @@ def test_training_table_with_an_absurd_volume_is_refused(tmp_path, value, attrib
 
 
 def test_checkpoint_with_non_finite_weights_never_replaces_a_good_one(tmp_path):
-    from types import SimpleNamespace
-
-    import torch
-
-    from scripts.errors import CheckpointError
-    from scripts.handlers import AtomicCheckpoint
 
     net = torch.nn.Linear(2, 2)
     saver = AtomicCheckpoint(str(tmp_path), {"network": net}, "final.pt", "last.pt")
@@ -69,16 +76,7 @@ def test_checkpoint_with_non_finite_weights_never_replaces_a_good_one(tmp_path):
 
 
 def test_release_refuses_a_model_trained_without_noise_unless_asked(tmp_path):
-    import json
-    import zipfile
-    from pathlib import Path
 
-    import torch
-    from helpers import jittered, stage_checkpoint_info, tiny_stage_networks, write_privacy_report
-
-    from scripts.release import ReleaseError, release
-
-    root = Path(__file__).resolve().parents[1]
     models = tmp_path / "models"
     models.mkdir()
     net = tiny_stage_networks(models)
@@ -94,12 +92,12 @@ def test_release_refuses_a_model_trained_without_noise_unless_asked(tmp_path):
     content = json.loads(report.read_text())
     content.update(epsilon=None, covers="nothing: steps without noise (noise_multiplier 0) were taken")
     report.write_text(json.dumps(content))
-    args = {"autoencoder": models / "autoencoder.pt", "diffusion": models / "diffusion.pt", "model": models / "model.pt"}
+    args = {name: models / f"{name}.pt" for name in ("autoencoder", "diffusion", "model")}
     out = tmp_path / "release"
     with pytest.raises(ReleaseError, match="WITHOUT noise.*--allow_non_private"):
-        release(out, "https://example.org/r", root, **args)
+        release(out, "https://example.org/r", ROOT, **args)
     assert not out.exists()
-    summary = release(out, "https://example.org/r", root, **args, allow_non_private=True)
+    summary = release(out, "https://example.org/r", ROOT, **args, allow_non_private=True)
     with zipfile.ZipFile(summary["archive"]) as archive:
         large_files = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("large_files.yml"))
     assert "WITHOUT noise" in large_files and "NO differential" in large_files
@@ -107,21 +105,15 @@ def test_release_refuses_a_model_trained_without_noise_unless_asked(tmp_path):
 
 def test_unreachable_tracking_server_ends_in_one_short_error(tmp_path):
     """MONAI wraps the config's exceptions three deep; a bundle error is reported in a few lines."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
 
     with socket.socket() as s:  # a free local port: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("CARDIAC_LDM_TRACEBACK", None)
     argv = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train_autoencoder.yaml"]
     argv += ["--bundle_root", str(tmp_path), "--tracking_uri", f"http://127.0.0.1:{port}"]
-    done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error: MLflow tracking server") and "does not answer" in lines[-1]
@@ -129,14 +121,10 @@ def test_unreachable_tracking_server_ends_in_one_short_error(tmp_path):
 
 
 def test_phantom_cli_refuses_a_mistyped_option_before_generating(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
     out = tmp_path / "cohort"
     argv = [sys.executable, "-m", "scripts.phantom", "--out", str(out), "--subject", "3"]
-    done = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "unknown option --subject (did you mean --subjects?)" in done.stderr
     assert not out.exists()  # nothing generated
