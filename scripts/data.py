@@ -330,8 +330,12 @@ class LoadVolumed(MapTransform):
             ) from e
 
 
+# NIfTI-1 datatype codes of complex64, complex128 and complex256
+_NIFTI_COMPLEX_CODES = (32, 1792, 2048)
+
+
 class CheckVolumed(MapTransform):
-    """Reject volumes that are not single-channel 3D or that hold NaN/inf voxels.
+    """Reject volumes that are not single-channel 3D, complex, constant or that hold NaN/inf voxels.
 
     Runs right after loading, so the error names the file instead of failing later in a
     network with an unrelated shape error.
@@ -349,8 +353,20 @@ class CheckVolumed(MapTransform):
                     f"{name}: field '{key}': expected a 3D volume (X, Y, slices), "
                     f"got {len(shape)}D data of shape {shape}"
                 )
+            # MONAI's loader casts to float32 and drops the imaginary part with only a NumPy warning
+            if int(np.asarray(getattr(img, "meta", {}).get("datatype", 0))) in _NIFTI_COMPLEX_CODES:
+                raise DataError(
+                    f"{name}: field '{key}': complex-valued voxels (NIfTI datatype "
+                    f"{int(np.asarray(img.meta['datatype']))}); expected a real magnitude image"
+                )
             if not bool(torch.isfinite(torch.as_tensor(img)).all()):
                 raise DataError(f"{name}: field '{key}': volume contains NaN or inf voxels")
+            low, high = float(img.min()), float(img.max())
+            if low == high:
+                raise DataError(
+                    f"{name}: field '{key}': every voxel is {low:g}; expected an image with content "
+                    "(an empty or blank export?)"
+                )
         return d
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "DataError",
     "MissingInputError",
     "OutputExistsError",
+    "OutputWriteError",
     "check_options",
     "compact_report",
     "find_bundle_error",
@@ -58,6 +59,10 @@ class CheckpointError(BundleError, ValueError):
 
 class MissingInputError(BundleError, FileNotFoundError):
     """A required input file is missing: the message names it and the stage that writes it."""
+
+
+class OutputWriteError(BundleError, OSError):
+    """An output cannot be written (permissions, a full disk): the message names the path and what to do."""
 
 
 class OutputExistsError(BundleError, FileExistsError):

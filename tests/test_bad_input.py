@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -128,3 +129,52 @@ def test_phantom_cli_refuses_a_mistyped_option_before_generating(tmp_path):
     assert done.returncode == 2
     assert "unknown option --subject (did you mean --subjects?)" in done.stderr
     assert not out.exists()  # nothing generated
+
+
+def test_unwritable_output_folder_names_the_path(tmp_path, monkeypatch):
+    import errno
+
+    from scripts.errors import OutputWriteError
+    from scripts.files import write_text_atomic
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "open", refuse)  # root ignores chmod: refuse as a read-only folder would
+    with pytest.raises(OutputWriteError, match=r"report\.json: cannot create a file in .*Permission denied"):
+        write_text_atomic(tmp_path / "report.json", "{}")
+
+
+def test_full_disk_names_the_path_keeps_the_old_file_and_leaves_no_partial(tmp_path):
+    import errno
+
+    from scripts.errors import OutputWriteError
+    from scripts.files import atomic_path
+
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"good")
+    with pytest.raises(OutputWriteError, match=r"model\.pt: the disk is full .* MiB free"):
+        with atomic_path(target) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"x" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert target.read_bytes() == b"good"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+@pytest.mark.parametrize("kind", ["complex", "zeros", "constant"])
+def test_complex_or_blank_volumes_are_refused(tmp_path, kind):
+    import nibabel as nib
+    import numpy as np
+    from monai.transforms import LoadImaged
+
+    from scripts.data import CheckVolumed
+
+    data = {"complex": np.random.rand(8, 8, 4) + 1j, "zeros": np.zeros((8, 8, 4)), "constant": np.full((8, 8, 4), 7.0)}
+    array = data[kind].astype(np.complex64 if kind == "complex" else np.float32)
+    path = str(tmp_path / f"{kind}.nii.gz")
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+    with pytest.warns() if kind == "complex" else contextlib.nullcontext():
+        loaded = LoadImaged(keys="image", ensure_channel_first=True)({"image": path})
+    with pytest.raises(DataError, match=rf"{kind}\.nii\.gz: field 'image': (complex-valued|every voxel is)"):
+        CheckVolumed(keys="image")(loaded)
