@@ -420,6 +420,8 @@ def test_bundle_inference_end_to_end(tiny_bundle, bundle, tmp_path, monkeypatch)
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = sorted(os.listdir(out))
     assert names == [
+        "cohort_card.json",
+        "cohort_card.md",
         "manifest.csv",
         "preview.png",
         "row0000_sample000.json",
