@@ -15,6 +15,7 @@ import os
 import numpy as np
 import pytest
 from test_inference import tiny_bundle  # noqa: F401 (the tiny random model.pt fixture)
+from test_release import weights  # noqa: F401 (tiny random release weights)
 
 from scripts.attribute_model.card import add_evaluation, build_card, compose_cohort
 from scripts.attribute_model.mechanism import (
@@ -385,3 +386,31 @@ def test_bundle_inference_draws_a_cohort_and_writes_its_card(tiny_bundle, bundle
     assert card["files"]["diffusion_model"]["sha256"] == side["model_sha256"] and card["sampler"]["steps"] == 2
     assert card["attribute_source"] == "dp_attribute_model" and card["subjects"] == 2 and card["samples"] == 4
     assert "Total: (" in (out / "cohort_card.md").read_text()
+
+
+def test_release_archive_holds_the_cohort_card(weights, tmp_path, table, attribute_ranges):  # noqa: F811
+    import zipfile
+
+    from scripts.release import ReleaseError, release
+
+    release_ = fit(table, attribute_ranges, noise_multiplier=2.0, rng=np.random.default_rng(0))
+    entry = {"stage": "attributes_dp", "started": "t", "noise_multiplier": 2.0, "sample_rate": 1.0, "steps": 1}
+    privacy = {"delta": 1e-5, "privacy_unit": "subject", "accountant": "prv"}
+    AttributeModel(release_.marginals, release_.correlation, len(table), privacy, [entry]).write(
+        str(tmp_path / "a.json")
+    )
+    public = {"autoencoder": weights / "autoencoder.pt", "diffusion": weights / "diffusion.pt"}
+    dp = {"model": weights / "model.pt", "report": weights / "privacy_report.json"}
+    summary = release(tmp_path / "dist", "https://e.org/r", ".", **public, **dp, attributes_model=tmp_path / "a.json")
+    name = summary["name"]
+    with zipfile.ZipFile(summary["archive"]) as archive:
+        card = json.loads(archive.read(f"{name}/models/cohort_card.json"))
+        assert archive.read(f"{name}/models/attributes_dp.json") == (tmp_path / "a.json").read_bytes()
+        assert "Total: (" in archive.read(f"{name}/models/cohort_card.md").decode()
+    from scripts.privacy.accounting import compose_epsilon
+
+    assert card["privacy"]["epsilon"] == pytest.approx(compose_epsilon([(2.0, 1.0, 1)], 1e-5, "prv"))
+    assert card["files"]["diffusion_model"] == {"path": "models/model.pt", "sha256": summary["files"][3]["sha256"]}
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ReleaseError, match="--attributes_model: .*not an attribute model"):
+        release(tmp_path / "dist2", "https://e.org/r", ".", **public, **dp, attributes_model=tmp_path / "bad.json")

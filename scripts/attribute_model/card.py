@@ -285,3 +285,35 @@ def add_evaluation(synthetic_dir: str | None, report_path: str) -> str | None:
         "headline": report.get("headline", {}),
     }
     return write_card(synthetic_dir, card)
+
+
+def release_entries(
+    *,
+    model: str | None,
+    autoencoder: str | None,
+    report: str | None,
+    attributes_model: str | None,
+    bundle_version: str | None,
+) -> list[tuple[bytes, str]]:
+    """``(bytes, path in the bundle)`` of the cohort card and the attribute model (when given), for a release."""
+    card = build_card(
+        model_path=model,
+        autoencoder_path=autoencoder,
+        report_path=report,
+        attributes_model=attributes_model,
+        bundle_version=bundle_version,
+    )
+    card["created"] = None  # the same release gives the same archive bytes
+    for role, f in card["files"].items():  # named as in the bundle, not by the local paths
+        if f:
+            f["path"] = (
+                "models/attributes_dp.json" if role == "attribute_model" else f"models/{os.path.basename(f['path'])}"
+            )
+    entries = [
+        (json.dumps(card, indent=2).encode(), f"models/{CARD_JSON}"),
+        (render_markdown(card).encode(), f"models/{CARD_MD}"),
+    ]
+    if attributes_model:
+        with open(attributes_model, "rb") as f:
+            entries.append((f.read(), "models/attributes_dp.json"))
+    return entries
