@@ -20,6 +20,7 @@ from test_release import weights  # noqa: F401 (tiny random release weights)
 from scripts.attribute_model.card import add_evaluation, build_card, compose_cohort
 from scripts.attribute_model.mechanism import (
     bin_edges,
+    default_norm_bound,
     fit,
     marginal_counts,
     marginal_sensitivity,
@@ -87,7 +88,7 @@ def test_noise_off_one_subject_moves_each_statistic_by_at_most_its_sensitivity(t
     released = fit(table, attribute_ranges, noise_multiplier=0.0, rng=np.random.default_rng(0))
     p = len(table.columns)
     edges = [m.edges for m in released.marginals]
-    bound = math.sqrt(p)
+    bound = default_norm_bound(p)
     before_counts = np.concatenate(marginal_counts(table, edges))
     before_moments = score_moments(normal_scores(table, released.marginals, bound))
     for row in _extremes(table, attribute_ranges):
@@ -97,7 +98,7 @@ def test_noise_off_one_subject_moves_each_statistic_by_at_most_its_sensitivity(t
         # the dependence statistic, under the released (fixed) marginals, as the adaptive composition has it
         moved = np.linalg.norm(score_moments(normal_scores(bigger, released.marginals, bound)) - before_moments)
         assert moved <= released.sensitivities["dependence"] + 1e-9
-    assert released.sensitivities == {"marginals": pytest.approx(math.sqrt(p)), "dependence": pytest.approx(p)}
+    assert released.sensitivities == {"marginals": pytest.approx(math.sqrt(p)), "dependence": pytest.approx(p / 4)}
     # noise off: the released marginals are the table's own histograms
     counts = marginal_counts(table, edges)
     for m, c in zip(released.marginals, counts):
@@ -112,11 +113,11 @@ def test_noise_scale_matches_sigma_times_sensitivity(table, attribute_ranges):
     for _ in range(60):
         r = fit(table, attribute_ranges, noise_multiplier=sigma, marginal_share=share, rng=rng)
         count_noise.append(np.concatenate(r.noisy_counts) - true_counts)
-        exact = score_moments(normal_scores(table, r.marginals, math.sqrt(len(table.columns))))
+        exact = score_moments(normal_scores(table, r.marginals, default_norm_bound(len(table.columns))))
         moment_noise.append(r.noisy_moments - exact)
     p = len(table.columns)
     assert np.std(count_noise) == pytest.approx(sigma / math.sqrt(share) * math.sqrt(p), rel=0.05)
-    assert np.std(moment_noise) == pytest.approx(sigma / math.sqrt(1 - share) * p, rel=0.05)
+    assert np.std(moment_noise) == pytest.approx(sigma / math.sqrt(1 - share) * p / 4, rel=0.05)  # R^2 = p / 4
     # 1/sigma^2 is split between the two mechanisms: together they are one Gaussian step with sigma
     assert sum(1 / s**2 for s in r.noise_multipliers.values()) == pytest.approx(1 / sigma**2)
 

@@ -20,8 +20,8 @@ multipliers sigma_k is exactly a Gaussian mechanism with ``1 / sigma^2 = sum_k 1
 ``alpha / (2 sigma^2)``), so the ledger records the stage as ONE step with q = 1 and noise
 multiplier sigma (tests/test_attribute_model.py checks it against the two mechanisms composed).
 
-Everything after the noise (clipping negative counts, normalising, the nearest correlation
-matrix) is post-processing. The number of subjects n is public (as for DP-SGD's sample rate).
+Everything after the noise (the projection of each histogram onto the simplex, the nearest
+correlation matrix) is post-processing. The number of subjects n is public (as for DP-SGD's sample rate).
 """
 
 from __future__ import annotations
@@ -107,6 +107,11 @@ class Marginal:
         return out
 
 
+def default_norm_bound(columns: int) -> float:
+    """Default R: half the expected norm sqrt(p) of a subject's normal scores (docs/attributes.md)."""
+    return 0.5 * math.sqrt(columns)
+
+
 def bin_edges(column: str, ranges: Mapping[str, Sequence[float]], bins: int) -> tuple[np.ndarray, bool]:
     """Public bin edges of a column: ``bins`` equal bins of its range, or one bin per integer (discrete)."""
     low, high = column_range(column, ranges)
@@ -150,6 +155,19 @@ def score_moments(z: np.ndarray) -> np.ndarray:
     """Upper triangle (with the diagonal) of ``sum_i z_i z_i^T``; L2 sensitivity ``max ||z_i||^2``."""
     iu = np.triu_indices(z.shape[1])
     return (z.T @ z)[iu]
+
+
+def simplex_projection(v: np.ndarray) -> np.ndarray:
+    """Euclidean projection onto the probability simplex (subtract one constant, clip at 0).
+
+    Post-processing of a noisy histogram divided by the public n ("Norm-Sub", Wang et al., "Locally
+    differentially private frequency estimation with consistency", NDSS 2020): unlike clipping the
+    negative counts and renormalising, it does not spread the noise of the empty bins over the range.
+    """
+    u = np.sort(v)[::-1]
+    cumulative = np.cumsum(u) - 1.0
+    k = np.nonzero(u - cumulative / np.arange(1, len(u) + 1) > 0)[0][-1]
+    return np.maximum(v - cumulative[k] / (k + 1), 0.0)
 
 
 def nearest_correlation(matrix: np.ndarray, iterations: int = 100, floor: float = 1e-4) -> np.ndarray:
@@ -210,7 +228,8 @@ def fit(
         noise_multiplier: sigma of the stage (the ledger's); 0 switches the noise off (tests only).
         marginal_share: w of the marginals (1 - w goes to the dependence), as a share of 1 / sigma^2.
         bins: bins of a continuous column.
-        norm_bound: R, the L2 clip of a subject's normal scores (default sqrt(p)).
+        norm_bound: R, the L2 clip of a subject's normal scores (default sqrt(p) / 2: the clip rescales
+            a row, which the normalisation by the diagonal largely undoes, and quarters the noise).
         rng: the noise's random generator.
 
     Returns:
@@ -220,9 +239,9 @@ def fit(
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
         raise ConfigError(f"config field 'bins': expected an integer >= 2, got {bins!r}")
     n, p = table.values.shape
-    bound = math.sqrt(p) if norm_bound is None else float(norm_bound)
+    bound = default_norm_bound(p) if norm_bound is None else float(norm_bound)
     if not bound > 0:
-        raise ConfigError(f"config field 'norm_bound': expected a number > 0 or null (sqrt(p)), got {norm_bound!r}")
+        raise ConfigError(f"config field 'norm_bound': expected a number > 0 or null (sqrt(p) / 2), got {norm_bound!r}")
     sigmas = (
         {"marginals": noise_multiplier / math.sqrt(share), "dependence": noise_multiplier / math.sqrt(1 - share)}
         if noise_multiplier > 0
@@ -236,9 +255,7 @@ def fit(
     ]
     marginals = []
     for name, e, d, c in zip(table.columns, edges, discrete, noisy_counts):
-        c = np.maximum(c, 0.0)
-        total = c.sum()
-        c = c / total if total > 0 else np.full(c.shape, 1.0 / len(c))
+        c = simplex_projection(c / n)
         observed = c[1:]
         probs = observed / observed.sum() if observed.sum() > 0 else np.full(observed.shape, 1.0 / len(observed))
         marginals.append(Marginal(name, np.asarray(e), bool(d), float(c[0]), probs))

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from scripts.attribute_model.mechanism import fit
+from scripts.attribute_model.mechanism import default_norm_bound, fit
 from scripts.attribute_model.model import METHOD, AttributeModel
 from scripts.attribute_model.table import SUBJECT_COLUMNS, SubjectTable, subject_table
 from scripts.errors import ConfigError, DataError
@@ -79,7 +79,7 @@ class AttributeStageSettings:
         noise_multiplier: null: calibrated; a number: used as is (0: noise off, tests only).
         marginal_share: share w of 1/sigma^2 for the marginals (1 - w for the dependence).
         bins: bins of a continuous column.
-        norm_bound: R, the L2 clip of a subject's normal scores (null: sqrt(p)).
+        norm_bound: R, the L2 clip of a subject's normal scores (null: sqrt(p) / 2).
         columns: subject columns modelled.
         max_noise_ratio: refuse when the noise std of a histogram bin exceeds this share of n.
         seed: seed of the noise (null: fresh OS entropy; a fixed seed is for tests only).
@@ -144,7 +144,9 @@ class AttributeStage:
             "columns": list(table.columns),
             "bins": self.s.bins,
             "marginal_share": self.s.marginal_share,
-            "norm_bound": self.s.norm_bound if self.s.norm_bound is not None else math.sqrt(len(table.columns)),
+            "norm_bound": self.s.norm_bound
+            if self.s.norm_bound is not None
+            else default_norm_bound(len(table.columns)),
         }
         return PrivacyLedger(
             settings, 1.0, 1, prior_stages=prior, path=self.s.ledger_path, noise_multiplier=self.s.noise_multiplier
