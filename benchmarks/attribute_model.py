@@ -126,7 +126,11 @@ def main(argv=None) -> int:
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "images" / "attribute_model.png"))
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from the --out JSON")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot(json.loads((Path(args.out) / "attribute_model.json").read_text()), args.plot)
+        return 0
     ranges = yaml.safe_load((ROOT / "configs" / "common.yaml").read_text())["attribute_ranges"]
     out = Path(args.out)
     start = time.time()
@@ -178,6 +182,7 @@ def markdown(results) -> str:
 
 def plot(results, path: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -195,6 +200,7 @@ def plot(results, path: str) -> None:
             ax.axhline(rows["noise-free model"][key], color=colour, ls=":", lw=1, label=f"noise-free model, n = {n}")
         ax.set_xscale("log")
         ax.set_xticks(eps, [f"{e:g}" for e in eps])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("epsilon (attribute stage alone, delta = 1e-5)")
         ax.set_ylabel(label)
         ax.set_yscale("log")

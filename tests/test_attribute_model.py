@@ -37,6 +37,9 @@ from scripts.errors import ConfigError, DataError
 from helpers import rdp_epsilon
 
 IDX = {n: i for i, n in enumerate(ATTRIBUTE_NAMES)}
+ATTRIBUTE_RANGES = {"LVEDV": [40, 400], "LVESV": [10, 330], "RVEDV": [40, 400], "RVESV": [10, 330], "LVEF": [5, 85],
+                    "RVEF": [5, 85], "MYOESTHICK": [3, 30], "MYOEDTHICK": [2, 25], "AGE": [0, 100], "SEX": [0, 1],
+                    "BMI": [12, 50], "ESED": [0, 1], "ANGLE": [-45, 45], "DEPTH": [4, 16]}  # fmt: skip
 
 
 def _phantom_rows(n: int, seed: int = 0, missing: float = 0.2) -> list[dict]:
@@ -324,6 +327,18 @@ def test_card_states_what_is_not_covered_and_takes_the_evaluation(tmp_path):
                                   "model_sha256": "00" * 32}))  # fmt: skip
     card = build_card(model_path=str(model), autoencoder_path=None, report_path=str(report))
     assert any("describes another model" in s for s in card["privacy"]["not_covered"])
+    # a matching report without its stages: its own epsilon alone, but nothing to compose an attribute model with
+    from scripts.files import sha256
+
+    report.write_text(json.dumps(dict(json.loads(report.read_text()), model_sha256=sha256(model))))
+    assert build_card(model_path=str(model), autoencoder_path=None, report_path=str(report))["privacy"]["epsilon"] == 1
+    fitted = fit(subject_table(_phantom_rows(4)), ATTRIBUTE_RANGES, noise_multiplier=2.0, rng=np.random.default_rng(0))
+    entry = {"stage": "attributes_dp", "started": "t", "noise_multiplier": 2.0, "sample_rate": 1.0, "steps": 1}
+    attrs = AttributeModel(fitted.marginals, fitted.correlation, 4, {"delta": 1e-5, "privacy_unit": "subject"}, [entry])
+    attrs.write(str(tmp_path / "a.json"))
+    card = build_card(model_path=str(model), autoencoder_path=None, report_path=str(report),
+                      attributes_model=str(tmp_path / "a.json"))  # fmt: skip
+    assert card["privacy"]["epsilon"] is None and "lists no stages" in card["privacy"]["not_covered"][0]
     from scripts.attribute_model.card import write_card
 
     write_card(str(tmp_path), card)
@@ -357,12 +372,18 @@ def test_bundle_inference_draws_a_cohort_and_writes_its_card(tiny_bundle, bundle
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     models = tiny_bundle / "models"
     ranges = yaml.safe_load(open("configs/common.yaml"))["attribute_ranges"]
+    # the tiny model's report, with the ledger entry of a DP fine-tuning
+    dp = {"stage": "dp", "started": "t0", "privacy_unit": "subject", "noise_multiplier": 1.2, "sample_rate": 0.5,
+          "steps": 8, "delta": 1e-5, "accountant": "prv"}  # fmt: skip
+    report = dict(json.loads((models / "privacy_report.json").read_text()), stages=[dp])
+    (tmp_path / "privacy_report.json").write_text(json.dumps(report))
     settings = _stage(cohorts, tmp_path, ranges, model_path=str(tmp_path / "attributes_dp.json"),
-                      compose_with=str(models / "privacy_report.json"))  # fmt: skip
+                      compose_with=str(tmp_path / "privacy_report.json"))  # fmt: skip
     AttributeStage(settings).run()
     out = tmp_path / "cohort"
     args = ["--config_file", "configs/inference.yaml", "--attributes_model", settings.model_path, "--subjects", "2"]
     args += ["--output_dir", str(out), "--bundle_root", str(tiny_bundle), "--device", "cpu", "--num_inference_steps"]
+    args = ["--report_path", str(tmp_path / "privacy_report.json"), *args]
     proc = bundle("run", "inference", *args, "2", "--preview_count", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "manifest.csv") as f:
@@ -379,10 +400,12 @@ def test_bundle_inference_draws_a_cohort_and_writes_its_card(tiny_bundle, bundle
     model = read_model(settings.model_path)
     from scripts.privacy.accounting import compose_epsilon
 
-    # the report (no stages here) names the prv accountant: the card composes every stage with it
-    assert card["privacy"]["accountant"] == "prv" and len(card["privacy"]["stages"]) == 1
+    # the report names the prv accountant: the card composes both stages with it, the DP fine-tuning once
+    assert card["privacy"]["accountant"] == "prv" and len(card["privacy"]["stages"]) == 2
     sigma = model.privacy["noise_multiplier"]
-    assert card["privacy"]["epsilon"] == pytest.approx(compose_epsilon([(sigma, 1.0, 1)], 1e-5, "prv"))
+    total = compose_epsilon([(1.2, 0.5, 8), (sigma, 1.0, 1)], 1e-5, "prv")
+    assert card["privacy"]["epsilon"] == pytest.approx(total) and total < 30.0
+    assert side["privacy"]["epsilon"] == 7.9  # the sidecar's image-model guarantee is unchanged
     assert card["files"]["attribute_model"]["sha256"] == side["attributes_model_sha256"]
     assert card["files"]["diffusion_model"]["sha256"] == side["model_sha256"] and card["sampler"]["steps"] == 2
     assert card["attribute_source"] == "dp_attribute_model" and card["subjects"] == 2 and card["samples"] == 4
@@ -401,7 +424,10 @@ def test_release_archive_holds_the_cohort_card(weights, tmp_path, table, attribu
         str(tmp_path / "a.json")
     )
     public = {"autoencoder": weights / "autoencoder.pt", "diffusion": weights / "diffusion.pt"}
-    dp = {"model": weights / "model.pt", "report": weights / "privacy_report.json"}
+    dp_entry = {"stage": "dp", "started": "t0", "noise_multiplier": 1.2, "sample_rate": 0.5, "steps": 8}
+    report = dict(json.loads((weights / "privacy_report.json").read_text()), stages=[dp_entry])
+    (tmp_path / "privacy_report.json").write_text(json.dumps(report))
+    dp = {"model": weights / "model.pt", "report": tmp_path / "privacy_report.json"}
     summary = release(tmp_path / "dist", "https://e.org/r", ".", **public, **dp, attributes_model=tmp_path / "a.json")
     name = summary["name"]
     with zipfile.ZipFile(summary["archive"]) as archive:
@@ -410,7 +436,8 @@ def test_release_archive_holds_the_cohort_card(weights, tmp_path, table, attribu
         assert "Total: (" in archive.read(f"{name}/models/cohort_card.md").decode()
     from scripts.privacy.accounting import compose_epsilon
 
-    assert card["privacy"]["epsilon"] == pytest.approx(compose_epsilon([(2.0, 1.0, 1)], 1e-5, "prv"))
+    assert card["privacy"]["epsilon"] == pytest.approx(compose_epsilon([(1.2, 0.5, 8), (2.0, 1.0, 1)], 1e-5, "prv"))
+    assert not any("not covered" in s or "no privacy report" in s for s in card["privacy"]["not_covered"])
     assert card["files"]["diffusion_model"] == {"path": "models/model.pt", "sha256": summary["files"][3]["sha256"]}
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ReleaseError, match="--attributes_model: .*not an attribute model"):

@@ -494,3 +494,4 @@ def test_bundle_sweep_png(tiny_bundle, bundle, tmp_path, monkeypatch):
     meta = json.loads((tmp_path / "sweep_LVEDV.json").read_text())
     assert meta["values"] == [80.0, 190.0, 300.0] and meta["rows"] == ["ED", "ES"] and meta["seed"] == 0
     assert meta["base_attributes"]["LVESV"] == 60.0 and meta["privacy"]["epsilon"] == 7.9
+    assert json.loads((tmp_path / "cohort_card.json").read_text())["privacy"]["epsilon"] is not None

@@ -172,9 +172,15 @@ def build_card(
     epsilon, stages = (math.inf, [])
     if lists and delta:
         epsilon, stages = compose_cohort(lists, delta, accountant)
+    if images_covered and not report.get("stages"):  # a report without its ledger: nothing to compose with
+        if attributes_model:
+            epsilon = None
+            not_covered.insert(0, f"a composed total: the privacy report {report_path} lists no stages to compose")
+        else:
+            epsilon = float(report["epsilon"])
     datasets = sorted({str(s.get("dataset")) for s in stages})
     privacy = {
-        "epsilon": None if not lists else epsilon,
+        "epsilon": epsilon if lists else None,
         "delta": delta,
         "privacy_unit": unit,
         "accountant": accountant,

@@ -105,7 +105,7 @@ def write_inference_card(
     seed: int,
     batch_size: int,
 ) -> str:
-    """Write the cohort card of a synthesis run into its output folder; returns its path."""
+    """Write the cohort card of a synthesis run (or a sweep: no requests) into its output folder; returns its path."""
     from scripts.attribute_model.card import build_card, write_card
 
     sampler = {k: provenance.get(k) for k in ("sampler", "steps", "guidance_scale", "weights")}
@@ -119,7 +119,7 @@ def write_inference_card(
         attributes_csv=attributes_csv if _given(attributes_csv) else None,
         sampler=sampler,
         bundle_version=provenance.get("model_version"),
-        samples=sum(r.count for r in requests),
+        samples=sum(r.count for r in requests) if requests else None,  # a sweep passes no requests
         subjects=len(requests) // 2 if model else None,
     )
     path = write_card(output_dir, card)
