@@ -442,3 +442,24 @@ def test_release_archive_holds_the_cohort_card(weights, tmp_path, table, attribu
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ReleaseError, match="--attributes_model: .*not an attribute model"):
         release(tmp_path / "dist2", "https://e.org/r", ".", **public, **dp, attributes_model=tmp_path / "bad.json")
+
+
+def test_bundle_config_runs_the_stage(cohorts, tmp_path, monkeypatch):
+    """configs/dp_attributes.yaml, parsed and run in-process as `monai.bundle run training` does."""
+    from monai.bundle import ConfigParser
+
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)  # the config's macros name configs/common.yaml relative to the bundle root
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "dp_attributes.yaml"))
+    parser.update(
+        {"bundle_root": str(tmp_path), "dataset_dir": str(cohorts["private"]), "accountant": "rdp",
+         "target_epsilon": 40.0, "max_noise_ratio": 5.0, "seed": 0}
+    )  # fmt: skip
+    parser.parse()
+    parser.get_parsed_content("initialize")
+    report = parser.get_parsed_content("training")[0]
+    assert report["stages"][-1]["stage"] == "attributes_dp" and report["epsilon"] <= 40.0
+    assert read_model(str(tmp_path / "models" / "attributes_dp.json")).privacy["composed_with"] is None
+    assert (tmp_path / "models" / "attributes_privacy_report.json").is_file()

@@ -2,8 +2,9 @@
 
 Why our own: the ready-made DP tabular libraries conflict with the bundle's pins (smartnoise-synth
 needs opacus < 0.15, synthcity torch < 2.3 and numpy < 2), and a Gaussian copula (Li, Xiong and
-Jiang, "DPCopula", EDBT 2014; here with Gaussian mechanisms only, so the ledger composes them
-exactly with the DP-SGD steps) needs two statistics:
+Jiang, "Differentially private synthesization of multi-dimensional data using copula functions",
+EDBT 2014; here with Gaussian mechanisms only, so the ledger composes them exactly with the DP-SGD
+steps) needs two statistics:
 
 1. **Marginals**: per column, a histogram over public bins of its public range (``attribute_ranges``)
    plus a *missing* bin. Adding or removing one subject changes one bin of every column by 1, so
