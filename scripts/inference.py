@@ -50,6 +50,7 @@ REQUEST_COLUMNS = ("count", "seed")
 CLIP_HINT = "pass --clip_out_of_range True to clip it"
 MANIFEST = "manifest.csv"
 PREVIEW = "preview.png"
+CARD_FILES = ("cohort_card.json", "cohort_card.md")  # scripts/attribute_model/card.py writes them after a run
 SAMPLE_PATTERN = re.compile(r"^row\d+_sample\d+\.(nii\.gz|json)$")
 MAX_SEED = 2**63 - 1
 DP_STAGE = "python -m monai.bundle run training --config_file configs/dp_finetune.yaml"
@@ -75,6 +76,7 @@ class Request:
         count: samples to generate for the row.
         seed: seed of the row's first sample, or None (derived from the run seed).
         clipped: ``{name: requested value}`` for values clipped to their reference range.
+        source: where the attribute values came from (a CSV line, a DP attribute model's subject).
     """
 
     row: int
@@ -83,6 +85,7 @@ class Request:
     count: int = 1
     seed: int | None = None
     clipped: dict[str, float] = field(default_factory=dict)
+    source: str | None = None
 
     def attributes(self) -> dict[str, float | None]:
         """``{name: value}`` in raw units, None for missing."""
@@ -527,7 +530,7 @@ def previous_run_files(output_dir: str) -> list[str]:
     """Files of an earlier synthesis run in ``output_dir`` (manifest, preview, samples, sidecars)."""
     if not os.path.isdir(output_dir):
         return []
-    return sorted(n for n in os.listdir(output_dir) if n in (MANIFEST, PREVIEW) or SAMPLE_PATTERN.match(n))
+    return sorted(n for n in os.listdir(output_dir) if n in (MANIFEST, PREVIEW, *CARD_FILES) or SAMPLE_PATTERN.match(n))
 
 
 def check_output_dir(output_dir: str, overwrite: bool = False) -> list[str]:
@@ -570,7 +573,7 @@ def _fmt(value: float) -> str:
 
 def write_manifest(path: str, rows: Sequence[dict[str, Any]]) -> None:
     """Write the run manifest atomically: one row per sample."""
-    columns = ["file", "sidecar", "row", "sample", "seed", *ATTRIBUTE_NAMES, "clipped"]
+    columns = ["file", "sidecar", "row", "sample", "seed", *ATTRIBUTE_NAMES, "clipped", "source"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -647,6 +650,7 @@ def run_inference(
                 "attributes": attrs,
                 "missing": [n for n, v in attrs.items() if v is None],
                 "clipped": dict(spec.request.clipped),
+                "attributes_source": spec.request.source,
                 "shape": list(np.transpose(volume, (1, 2, 0)).shape),
                 "layout": "array axes (X, Y, slices); the networks see (slices, X, Y)",
                 "spacing_mm": [float(s) for s in spacing],
@@ -660,6 +664,7 @@ def run_inference(
             row = {"file": image, "sidecar": sidecar, "row": spec.request.row, "sample": spec.index, "seed": spec.seed}
             row.update({n: _fmt(v) for n, v in zip(ATTRIBUTE_NAMES, spec.request.values)})
             row["clipped"] = ";".join(f"{n}={v:g}" for n, v in spec.request.clipped.items())
+            row["source"] = spec.request.source or ""
             manifest.append(row)
             if len(preview) < preview_count:
                 preview.append((f"row {spec.request.row} #{spec.index} seed {spec.seed}", volume))

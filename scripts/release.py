@@ -7,7 +7,8 @@ writes into ``DIR``
 
 - ``<name>_v<version>.zip`` (name and version from ``configs/metadata.json``): one top-level folder
   ``<name>/`` with ``configs/``, ``scripts/``, ``docs/``, ``LICENSE``, ``README.md``,
-  ``large_files.yml`` and ``models/`` (its README only: no weights);
+  ``large_files.yml`` and ``models/`` (its README, the cohort card ``cohort_card.{json,md}`` and, with
+  ``--attributes_model``, the DP attribute model: no weights);
 - the weight files beside it: the PUBLIC pre-trained ``autoencoder.pt`` and ``diffusion.pt`` and,
   when given, the DP fine-tuned ``model.pt`` with its ``privacy_report.json``.
 
@@ -368,7 +369,9 @@ def _archive_files(bundle_root: Path) -> Iterator[tuple[Path, str]]:
             raise ReleaseError(f"{source} not found: a bundle needs configs/ and LICENSE (pass --bundle_root DIR)")
 
 
-def write_archive(path: Path, bundle_root: Path, name: str, large_files: str) -> list[str]:
+def write_archive(
+    path: Path, bundle_root: Path, name: str, large_files: str, extra: Sequence[tuple[bytes, str]] = ()
+) -> list[str]:
     """Write the bundle archive: every file under the top-level folder ``name/``.
 
     Args:
@@ -376,6 +379,7 @@ def write_archive(path: Path, bundle_root: Path, name: str, large_files: str) ->
         bundle_root: the bundle root to take the files from.
         name: the top-level folder.
         large_files: text of the archive's ``large_files.yml``.
+        extra: more ``(bytes, path)`` members (the cohort card).
 
     Returns:
         the archive's member names.
@@ -384,6 +388,7 @@ def write_archive(path: Path, bundle_root: Path, name: str, large_files: str) ->
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         entries = [(source.read_bytes(), rel) for source, rel in _archive_files(bundle_root)]
         entries.append((large_files.encode(), "large_files.yml"))
+        entries += list(extra)
         for data, rel in sorted(entries, key=lambda e: e[1]):
             info = zipfile.ZipInfo(f"{name}/{rel}", date_time=ZIP_DATE)
             info.compress_type = zipfile.ZIP_DEFLATED
@@ -391,6 +396,25 @@ def write_archive(path: Path, bundle_root: Path, name: str, large_files: str) ->
             archive.writestr(info, data)
             members.append(info.filename)
     return members
+
+
+def cohort_card(
+    model: Path | None, autoencoder: Path, report: Path | None, attributes_model: Any, version: str
+) -> list[tuple[bytes, str]]:
+    """The archive's cohort card (scripts/attribute_model/card.py), and the attribute model when given."""
+    from scripts.attribute_model.card import release_entries
+    from scripts.errors import BundleError
+
+    try:
+        return release_entries(
+            model=str(model) if model else None,
+            autoencoder=str(autoencoder),
+            report=str(report) if report else None,
+            attributes_model=str(attributes_model) if attributes_model else None,
+            bundle_version=version,
+        )
+    except BundleError as err:
+        raise ReleaseError(f"--attributes_model: {err}") from None
 
 
 def release(
@@ -403,6 +427,7 @@ def release(
     report: str | os.PathLike | None = None,
     name: str | None = None,
     strip_training_state: bool = False,
+    attributes_model: str | os.PathLike | None = None,
     *,
     allow_non_private: bool = False,
 ) -> dict[str, Any]:
@@ -420,6 +445,8 @@ def release(
         strip_training_state: publish ``diffusion.pt`` without its resume-only state (optimizer, LR
             scheduler, RNG, trainer): about half the size. ``model.pt`` and ``autoencoder.pt`` are always
             published byte for byte (the privacy report names their SHA-256).
+        attributes_model: the DP attribute model (``models/attributes_dp.json``), put into the archive; the
+            archive's ``models/cohort_card.{json,md}`` states the composed total of everything released.
         allow_non_private: publish a ``model`` whose report has no finite epsilon (trained on the
             private data without noise); refused otherwise. ``large_files.yml`` then says so.
 
@@ -447,6 +474,7 @@ def release(
         )
     assets = check_weights(ae_path, ldm_path, model_path, report_path, allow_non_private=allow_non_private)
     non_private = allow_non_private and model_path is not None and _report_epsilon(report_path) is None
+    card = cohort_card(model_path, ae_path, report_path, attributes_model, version)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".release_tmp_", dir=out_dir))
@@ -468,7 +496,7 @@ def release(
                     f"--out: {target} exists with other content (published by another release?); its URL and hash "
                     f"would change under that release. Use a new --out folder for each release"
                 )
-        members = write_archive(staging / archive_name, root, name, large_files_yaml(assets, url, non_private))
+        members = write_archive(staging / archive_name, root, name, large_files_yaml(assets, url, non_private), card)
         # rename into place: the published files first, the archive (which names them) last
         for file_name in [a.file_name for a in assets] + [archive_name]:
             target = out_dir / file_name
@@ -537,6 +565,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="publish a --model trained on the private data WITHOUT noise (no DP guarantee; refused otherwise)",
     )
+    parser.add_argument(
+        "--attributes_model",
+        default=None,
+        help="DP attribute model to put into the archive (models/attributes_dp.json)",
+    )
     args = parser.parse_args(argv)
     try:
         summary = release(
@@ -549,6 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.report,
             args.name,
             args.strip_training_state,
+            args.attributes_model,
             allow_non_private=args.allow_non_private,
         )
     except ReleaseError as e:

@@ -23,6 +23,7 @@ STAGES = {
     "configs/evaluate.yaml": "initialize",
     "configs/inference.yaml": "initialize",
     "configs/phantom.yaml": "initialize",
+    "configs/dp_attributes.yaml": "initialize",
 }
 
 
