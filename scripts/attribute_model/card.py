@@ -176,8 +176,8 @@ def build_card(
         if attributes_model:
             epsilon = None
             not_covered.insert(0, f"a composed total: the privacy report {report_path} lists no stages to compose")
-        else:
-            epsilon = float(report["epsilon"])
+        else:  # JSON has no inf: a report of a run without noise holds null
+            epsilon = math.inf if report.get("epsilon") is None else float(report["epsilon"])
     datasets = sorted({str(s.get("dataset")) for s in stages})
     privacy = {
         "epsilon": epsilon if lists else None,
