@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from scripts.summary import record_time
 
-__all__ = ["Step", "config_list", "demo_steps", "main", "preload", "run_steps"]
+__all__ = ["Step", "config_list", "demo_steps", "main", "prepare_steps", "preload", "run_steps"]
 
 
 def config_list(*names: str) -> str:
@@ -74,6 +74,30 @@ class Step:
     module: str = "monai.bundle"
 
 
+# where the phantom writes the dataset-layout cohorts that the prepare steps import into data/public, data/private
+SOURCES = {"public": "data/source/acdc", "private": "data/source/ukbb"}
+
+
+def prepare_steps() -> list[Step]:
+    """Import the phantom's ACDC and ukbb cohorts with ``configs/prepare.yaml`` (docs/data.md).
+
+    The settings keep the geometry the stages saw when they read the phantom directly: the
+    phantom's own in-plane spacing (``--spacing source``: nothing is interpolated) and its
+    112-voxel field of view, the box centred on the ED heart (the phantom centres the heart;
+    the LV centre would push the RV out of the stages' 64-voxel crop more often).
+    """
+    common = ["--spacing", "source", "--size", "112", "--centre", "heart"]
+    return [
+        Step(
+            f"prepare: {domain}",
+            ["run", "--config_file", "configs/prepare.yaml", "--format", fmt, "--source", SOURCES[domain]]
+            + ["--out", f"data/{domain}", "--demographics", f"{SOURCES[domain]}/demographics.csv", *common],
+            ("phantom cohorts",),
+        )
+        for domain, fmt in (("public", "acdc"), ("private", "ukbb"))
+    ]
+
+
 def demo_steps(public_subjects: int = 40, private_subjects: int = 40, logs: str = "outputs/demo_logs") -> list[Step]:
     """The demo's steps (recipe: ``configs/demo_*.yaml``; docs/README.md, "Demo recipe").
 
@@ -91,17 +115,22 @@ def demo_steps(public_subjects: int = 40, private_subjects: int = 40, logs: str 
 
     requests = "configs/demo_requests.csv"
     return [
+        # the cohorts are written as a public ACDC and a private UK Biobank (ukbb_cardiac) dataset,
+        # then imported like real ones; see prepare_steps
         Step(
             "phantom cohorts",
             ["run", "--config_file", "configs/phantom.yaml", "--public_subjects", str(public_subjects)]
             + ["--private_subjects", str(private_subjects)]
-            + ["--public_cohort#num_workers", "2", "--private_cohort#num_workers", "2"],
+            + ["--public_cohort#num_workers", "2", "--private_cohort#num_workers", "2"]
+            + ["--public_dir", SOURCES["public"], "--public_cohort#layout", "acdc"]
+            + ["--private_dir", SOURCES["private"], "--private_cohort#layout", "ukbb"],
             threads=2,
         ),
+        *prepare_steps(),
         Step(
             "autoencoder",
             ["run", "training", "--config_file", AUTOENCODER, "--resume", "False"],
-            ("phantom cohorts",),
+            ("prepare: public",),
             threads=2,
         ),
         Step(
@@ -113,13 +142,13 @@ def demo_steps(public_subjects: int = 40, private_subjects: int = 40, logs: str 
         Step(
             "DP fine-tuning",
             ["run", "training", "--config_file", DP, "--resume", "False"],
-            ("latent diffusion",),
+            ("latent diffusion", "prepare: private"),
             log=log("dp_finetune"),
         ),
         Step(
             "segmenter",
             ["run", "training", "--config_file", SEGMENTER],
-            ("phantom cohorts", "latent diffusion"),  # after the two-core stages
+            ("prepare: public", "latent diffusion"),  # after the two-core stages
             log=log("segmenter"),
         ),
         Step(

@@ -1065,9 +1065,9 @@ def generate_cohorts(specs: Sequence[CohortSpec]) -> list[dict[str, Any]]:
                 staging_dirs[-1] = Path(temp_name(out))
                 write_layout(rendered, staging_dirs[-1], spec.layout)
                 shutil.rmtree(rendered)
-                paths = ("datalist", "attributes_csv", "subjects_csv")  # the importer writes these
-                summaries[-1] = {k: v for k, v in summaries[-1].items() if k not in paths}
-                summaries[-1]["layout"] = spec.layout.layout
+                layout = spec.layout.layout  # the index files come from the importer
+                where = f"{out} in the {layout} layout (python -m scripts.prepare --format {layout} writes it)"
+                summaries[-1].update(layout=layout, datalist=where, attributes_csv="-", subjects_csv="-")
     except BaseException:
         for staging in staging_dirs:
             shutil.rmtree(staging, ignore_errors=True)

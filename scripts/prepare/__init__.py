@@ -13,8 +13,8 @@ Per subject (one record at a time; nothing is estimated across subjects):
    orientation of the affine (``geometry.canonical_orientation``);
 3. measure the 14 attributes at the **source** resolution (``scripts.cardiac``); AGE / SEX /
    BMI come from the dataset's metadata or ``--demographics`` and stay missing when absent;
-4. resample in-plane to ``spacing`` (slices untouched) and cut a ``size`` x ``size`` box centred
-   on the ED LV blood pool, the same for ED and ES.
+4. resample in-plane to ``spacing`` (slices untouched) onto a ``size`` x ``size`` box centred
+   on the ED LV blood pool (``centre="heart"``: on the whole ED heart), the same for ED and ES.
 
 The cohort is written into a hidden folder beside ``out`` and moved into place when complete.
 
@@ -82,7 +82,9 @@ class PrepareSpec:
         source: the dataset folder.
         out: the cohort folder to write; must be empty or absent unless ``overwrite``.
         spacing: in-plane spacing (mm) to resample to; None keeps each record's own.
-        size: in-plane size (voxels) of the LV-centred box.
+        size: in-plane size (voxels) of the box.
+        centre: ``"lv"``: the box is centred on the ED LV blood pool; ``"heart"``: on the ED
+            heart (LV, myocardium and RV), which keeps more of the RV in a small box.
         demographics: optional CSV of AGE / SEX / BMI per subject (over the dataset's metadata).
         seed: seed of the subject-level split.
         split_fractions: (training, validation, test) fractions of subjects.
@@ -98,6 +100,7 @@ class PrepareSpec:
     out: str | os.PathLike
     spacing: float | None = 1.8
     size: int = 112
+    centre: str = "lv"
     demographics: str | os.PathLike | None = None
     seed: int = 0
     split_fractions: Sequence[float] = (0.7, 0.15, 0.15)
@@ -122,6 +125,8 @@ class PrepareSpec:
                 raise ConfigError(f"--spacing must be a number of mm > 0 or 'source'; got {self.spacing!r}")
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 16:
             raise ConfigError(f"--size must be an integer >= 16 (in-plane voxels); got {self.size!r}")
+        if self.centre not in ("lv", "heart"):
+            raise ConfigError(f"--centre must be 'lv' or 'heart'; got {self.centre!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer; got {self.seed!r}")
         self.split_fractions = _check_fractions(self.split_fractions)
@@ -197,7 +202,8 @@ def _prepare_subject(sub: SourceSubject, spec: PrepareSpec, demographics: Mappin
         if esv > edv:
             raise Excluded("esv_above_edv", f"{key}ESV {esv:.1f} ml > {key}EDV {edv:.1f} ml (ED / ES swapped?)")
 
-    centre = np.argwhere(canon["ED"]["label"] == LABELS["lv"]).mean(axis=0)  # the same box for ED and ES
+    ed = canon["ED"]["label"]
+    centre = np.argwhere(ed == LABELS["lv"] if spec.centre == "lv" else ed > 0).mean(axis=0)  # one box for ED and ES
     out: dict[str, Any] = {}
     for phase in ("ED", "ES"):
         image, box_affine = geometry.lv_box(

@@ -20,6 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="cohort folder to write")
     parser.add_argument("--spacing", default="1.8", help="in-plane spacing in mm, or 'source' (default 1.8)")
     parser.add_argument("--size", type=int, default=112, help="in-plane size of the LV-centred box (default 112)")
+    parser.add_argument("--centre", default="lv", choices=("lv", "heart"), help="box centre: ED LV or ED heart")
     parser.add_argument("--demographics", help="CSV of age / sex / bmi per subject")
     parser.add_argument("--id_column", help="subject id column of --demographics (default: eid for ukbb, else subject)")
     parser.add_argument("--age_column", default="age")
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=args.out,
             spacing=args.spacing,
             size=args.size,
+            centre=args.centre,
             demographics=args.demographics,
             seed=args.seed,
             split_fractions=fractions,
