@@ -7,7 +7,7 @@ another, its own log file. Two things differ from typing the commands one after 
 * **Started from one process that has imported the libraries.** Starting a bundle command costs
   about 10 s of CPU on 2 cores before its first line runs, nearly all of it ``import monai`` (MONAI
   imports every submodule and their optional dependencies: torchvision, scipy, mlflow, ...). The
-  demo runs 10 commands, so this runner imports them once and forks a child per step (measured:
+  demo runs 12 commands, so this runner imports them once and forks a child per step (measured:
   the phantom step with 5 + 5 subjects takes 2.8 s forked instead of 14.2 s as a new process; the
   demo's ten steps took 2 min 10 s outside the diffusion stage instead of 3 min 51 s, with the
   changes of the same release). Nothing has run in the

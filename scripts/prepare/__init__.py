@@ -200,7 +200,7 @@ def _prepare_subject(sub: SourceSubject, spec: PrepareSpec, demographics: Mappin
     for key in ("LV", "RV"):
         edv, esv = attrs["ED"][f"{key}EDV"], attrs["ED"][f"{key}ESV"]
         if esv > edv:
-            raise Excluded("esv_above_edv", f"{key}ESV {esv:.1f} ml > {key}EDV {edv:.1f} ml (ED / ES swapped?)")
+            raise Excluded("esv_above_edv", f"{key}ESV > {key}EDV (ED and ES swapped?)")  # no values: may be private
 
     ed = canon["ED"]["label"]
     centre = np.argwhere(ed == LABELS["lv"] if spec.centre == "lv" else ed > 0).mean(axis=0)  # one box for ED and ES
