@@ -22,7 +22,17 @@ import numpy as np
 
 from scripts.errors import ConfigError, DataError
 
-__all__ = ["FORMATS", "LABEL_CODES", "REASONS", "Excluded", "Volume", "SourceSubject", "read_demographics", "subjects"]
+__all__ = [
+    "FORMATS",
+    "LABEL_CODES",
+    "REASONS",
+    "DemographicColumns",
+    "Excluded",
+    "SourceSubject",
+    "Volume",
+    "read_demographics",
+    "subjects",
+]
 
 FORMATS: tuple[str, ...] = ("acdc", "mnms", "mnms2", "ukbb", "folder")
 
