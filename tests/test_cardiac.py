@@ -102,3 +102,31 @@ def test_volumes_depth_and_label_codes():
     attrs = subject_attributes(label, label, (PIXEL, PIXEL, 8.0), demographics={"AGE": 50.0})
     assert attrs["ED"]["LVEF"] == 0.0 and attrs["ED"]["ESED"] == 1.0 and attrs["ES"]["ESED"] == 0.0
     assert attrs["ED"]["AGE"] == 50.0 and math.isnan(attrs["ED"]["SEX"]) and math.isnan(attrs["ES"]["BMI"])
+
+
+def test_canonical_orientation_undoes_flips_and_transposes_of_an_oblique_plane():
+    """Real short-axis planes are oblique: the stored order still comes back to one array and one box."""
+    from scripts.phantom_layouts import STORAGES
+    from scripts.prepare import geometry
+
+    rng = np.random.default_rng(0)
+    array = rng.random((20, 24, 5)).astype(np.float32)
+    a, b = math.radians(25.0), math.radians(-35.0)
+    rz = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ rx @ np.diag([1.6, 1.6, 8.0])
+    affine[:3, 3] = (-20.0, 10.0, 35.0)
+    outputs = []
+    for storage in STORAGES.values():
+        stored, stored_affine = geometry.reorient(array, affine, np.array(storage, dtype=float))
+        canon, canon_affine = geometry.reorient(stored, stored_affine, geometry.canonical_orientation(stored_affine))
+        centre = np.array(canon.shape) / 2.0 - 0.3
+        world = canon_affine @ np.array([*centre, 1.0])
+        box, box_affine = geometry.lv_box(canon, canon_affine, centre, 1.2, 16, label=False)
+        outputs.append((canon, canon_affine, box, box_affine, world))
+    for canon, canon_affine, box, box_affine, world in outputs[1:]:
+        assert np.array_equal(canon, outputs[0][0]) and np.allclose(canon_affine, outputs[0][1])
+        assert np.allclose(world, outputs[0][4]) and np.allclose(box_affine, outputs[0][3])
+        assert np.allclose(box, outputs[0][2], atol=1e-5)
+    assert np.allclose(geometry.spacing_of(outputs[0][3]), (1.2, 1.2, 8.0))

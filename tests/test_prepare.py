@@ -240,6 +240,13 @@ def test_every_exclusion_reason_is_named_and_the_rest_is_kept(sources, tmp_path,
     on_disk = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
     assert on_disk["exclusion_reasons"] == {r: 1 for r in REASONS}
     assert all(f"excluded {pid}" in caplog.text and reason in caplog.text for pid, reason in expected.items())
+    # worker processes give the same cohort, byte for byte
+    prepare_cohort(
+        PrepareSpec(format="acdc", source=tmp_path / "broken", out=tmp_path / "parallel", size=64, num_workers=2)
+    )
+    for path in sorted((tmp_path / "out").rglob("*.*")):
+        if path.name != "prepare_report.json":  # it names its own output folder
+            assert path.read_bytes() == (tmp_path / "parallel" / path.relative_to(tmp_path / "out")).read_bytes()
     before = (tmp_path / "out" / "datalist.json").read_bytes()
     with pytest.raises(DataError, match="--strict: 11 subject"):
         prepare_cohort(

@@ -93,6 +93,7 @@ class PrepareSpec:
         labels: label codes of the source (``folder``; default the dataset's convention).
         image_pattern / label_pattern: ``folder`` file names, with ``{subject}`` and ``{phase}``.
         columns: column names of the demographics CSV.
+        num_workers: worker processes (1 = in this process); the output does not depend on it.
     """
 
     format: str
@@ -110,6 +111,7 @@ class PrepareSpec:
     image_pattern: str = "images/{subject}_{phase}.nii.gz"
     label_pattern: str = "labels/{subject}_{phase}.nii.gz"
     columns: DemographicColumns = field(default_factory=DemographicColumns)
+    num_workers: int = 1
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -127,6 +129,12 @@ class PrepareSpec:
             raise ConfigError(f"--size must be an integer >= 16 (in-plane voxels); got {self.size!r}")
         if self.centre not in ("lv", "heart"):
             raise ConfigError(f"--centre must be 'lv' or 'heart'; got {self.centre!r}")
+        if (
+            isinstance(self.num_workers, bool)
+            or not isinstance(self.num_workers, (int, np.integer))
+            or self.num_workers < 1
+        ):
+            raise ConfigError(f"--num_workers must be an integer >= 1; got {self.num_workers!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer; got {self.seed!r}")
         self.split_fractions = _check_fractions(self.split_fractions)
@@ -230,6 +238,27 @@ def _prepare_subject(sub: SourceSubject, spec: PrepareSpec, demographics: Mappin
     }
 
 
+def _process(job: tuple[SourceSubject, PrepareSpec, dict[str, float], Path]) -> tuple[str, dict[str, Any]]:
+    """Prepare one subject and write its volumes into the staging folder (in a worker process or not).
+
+    Returns:
+        ("included", report entry) or ("excluded", subject, reason, detail, folder).
+    """
+    sub, spec, demographics, staging = job
+    try:
+        result = _prepare_subject(sub, spec, demographics)
+    except Excluded as e:
+        return "excluded", {"subject": sub.subject, "reason": e.reason, "detail": e.detail, "where": sub.where}
+    files = {}
+    for phase, (image, label, affine) in result["volumes"].items():
+        name = f"{sub.subject}_{phase}.nii.gz"
+        write_bytes_atomic(staging / "images" / name, nifti_gz_bytes(image, affine))
+        write_bytes_atomic(staging / "labels" / name, nifti_gz_bytes(label, affine))
+        files[phase] = (f"images/{name}", f"labels/{name}")
+    entry = {"subject": sub.subject, "group": sub.group, "source": sub.where, **result["geometry"]}
+    return "included", {**entry, "attributes": result["attributes"], "files": files}
+
+
 # ------------------------------------------------------------------------------------ the cohort
 
 
@@ -270,36 +299,27 @@ def prepare_cohort(spec: PrepareSpec) -> dict[str, Any]:
     try:
         (staging / "images").mkdir(parents=True)
         (staging / "labels").mkdir()
-        seen = set()
+        jobs, seen = [], set()
         for sub in found:
             if sub.subject in seen or "/" in sub.subject:
                 excluded.append({"subject": sub.subject, "reason": "missing_metadata", "detail": "duplicate or bad id"})
                 continue
             seen.add(sub.subject)
             # the CSV's values are used where it gives one; nothing is filled in where neither does
-            demographics = {**sub.demographics, **extra.get(sub.subject, {})}
-            try:
-                result = _prepare_subject(sub, spec, demographics)
-            except Excluded as e:
-                excluded.append({"subject": sub.subject, "reason": e.reason, "detail": e.detail, "where": sub.where})
-                logger.warning(f"excluded {sub.subject} ({sub.where}): {e.reason}: {e.detail}")
-                continue
-            files = {}
-            for phase, (image, label, affine) in result["volumes"].items():
-                name = f"{sub.subject}_{phase}.nii.gz"
-                write_bytes_atomic(staging / "images" / name, nifti_gz_bytes(image, affine))
-                write_bytes_atomic(staging / "labels" / name, nifti_gz_bytes(label, affine))
-                files[phase] = (f"images/{name}", f"labels/{name}")
-            included.append(
-                {
-                    "subject": sub.subject,
-                    "group": sub.group,
-                    "source": sub.where,
-                    **result["geometry"],
-                    "attributes": result["attributes"],
-                    "files": files,
-                }
-            )
+            jobs.append((sub, spec, {**sub.demographics, **extra.get(sub.subject, {})}, staging))
+        if spec.num_workers > 1 and len(jobs) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=min(spec.num_workers, len(jobs))) as pool:
+                results = list(pool.map(_process, jobs, chunksize=4))
+        else:
+            results = [_process(job) for job in jobs]
+        for kind, entry in results:  # in the source's order, whatever the workers' order
+            if kind == "excluded":
+                logger.warning(f"excluded {entry['subject']} ({entry['where']}): {entry['reason']}: {entry['detail']}")
+                excluded.append(entry)
+            else:
+                included.append(entry)
         if spec.strict and excluded:
             listed = "; ".join(f"{e['subject']}: {e['reason']} ({e['detail']})" for e in excluded)
             raise DataError(f"--strict: {len(excluded)} subject(s) of {spec.source} excluded: {listed}")
@@ -312,7 +332,9 @@ def prepare_cohort(spec: PrepareSpec) -> dict[str, Any]:
         ids = [s["subject"] for s in included]
         splits = split_subjects(ids, spec.split_fractions, seed=spec.seed)
         settings = {
-            k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in asdict(spec).items() if k not in ("columns",)
+            k: (str(v) if isinstance(v, os.PathLike) else v)
+            for k, v in asdict(spec).items()
+            if k not in ("columns", "num_workers")
         }
         settings.update(source=str(spec.source), out=str(out), split_fractions=list(spec.split_fractions))
         report = write_index(staging, included=included, excluded=excluded, splits=splits, settings=settings)

@@ -31,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--label_pattern", default="labels/{subject}_{phase}.nii.gz", help="folder layout: label files")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subject-level split")
     parser.add_argument("--split_fractions", default="0.7,0.15,0.15", help="training,validation,test")
+    parser.add_argument("--num_workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--strict", action="store_true", help="any excluded subject is an error")
     parser.add_argument("--overwrite", action="store_true", help="replace a cohort already in --out")
     args = parser.parse_args(argv)
@@ -62,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             image_pattern=args.image_pattern,
             label_pattern=args.label_pattern,
             columns=columns,
+            num_workers=args.num_workers,
         )
         report = prepare_cohort(spec)
     except BundleError as e:

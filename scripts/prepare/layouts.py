@@ -67,8 +67,11 @@ class Excluded(Exception):
     """A subject that cannot be used; ``reason`` is a key of :data:`REASONS`."""
 
     def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
+        super().__init__(reason, detail)  # both in args: a worker process can pickle it
         self.reason, self.detail = reason, detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
 
 
 @dataclass
@@ -83,12 +86,12 @@ class Volume:
 
 @dataclass
 class SourceSubject:
-    """A subject found in the source folder (nothing read yet).
+    """A subject found in the source folder (nothing read yet; picklable, for worker processes).
 
     Args:
         subject: the dataset's own identifier.
         where: its folder or file, for messages.
-        load: reads ``{"ED": Volume, "ES": Volume}``; raises :class:`Excluded`.
+        files: per phase, (image path, label path, frame index of a 4D cine or None).
         demographics: AGE / SEX / BMI from the dataset's metadata (absent = missing).
         group: the dataset's diagnosis or pathology field, '' if none.
         error: an exclusion already known when listing (e.g. no metadata row).
@@ -96,10 +99,16 @@ class SourceSubject:
 
     subject: str
     where: str
-    load: Callable[[], dict[str, Volume]]
+    files: dict[str, tuple[Path, Path, int | None]] = field(default_factory=dict)
     demographics: dict[str, float] = field(default_factory=dict)
     group: str = ""
     error: Excluded | None = None
+
+    def load(self) -> dict[str, Volume]:
+        """Read ``{"ED": Volume, "ES": Volume}``; raises :class:`Excluded`."""
+        if self.error is not None:
+            raise self.error
+        return {phase: _volume(*self.files[phase]) for phase in PHASES}
 
 
 # ------------------------------------------------------------------------------------ file reading
@@ -276,15 +285,11 @@ def _acdc(source: Path, options: Mapping) -> list[SourceSubject]:
                 "missing_metadata", f"{info}: expected 'ED: n' and 'ES: n' lines ({type(e).__name__}: {e})"
             )
 
-        def load(folder=folder, pid=pid, frames=frames) -> dict[str, Volume]:
-            return {
-                ph: _volume(
-                    folder / f"{pid}_frame{frames[ph]:02d}.nii.gz", folder / f"{pid}_frame{frames[ph]:02d}_gt.nii.gz"
-                )
-                for ph in PHASES
-            }
-
-        found.append(SourceSubject(pid, str(folder), load, demo, group, error))
+        files = {
+            ph: (folder / f"{pid}_frame{f:02d}.nii.gz", folder / f"{pid}_frame{f:02d}_gt.nii.gz", None)
+            for ph, f in frames.items()
+        }
+        found.append(SourceSubject(pid, str(folder), files, demo, group, error))
     return found
 
 
@@ -312,13 +317,11 @@ def _mnms(source: Path, options: Mapping) -> list[SourceSubject]:
             except (TypeError, ValueError):
                 error = Excluded("missing_metadata", f"{csv_path}, code '{code}': ED / ES frame indices missing")
 
-        def load(cine=cine, code=code, frames=frames) -> dict[str, Volume]:
-            gt = cine.with_name(f"{code}_sa_gt.nii.gz")
-            return {ph: _volume(cine, gt, frames[ph]) for ph in PHASES}
-
+        gt = cine.with_name(f"{code}_sa_gt.nii.gz")
+        files = {ph: (cine, gt, f) for ph, f in frames.items()}
         demo = _info_demographics(header, row) if row else {}
         group = (row.get(group_col) or "").strip() if row and group_col else ""
-        found.append(SourceSubject(code, str(cine.parent), load, demo, group, error))
+        found.append(SourceSubject(code, str(cine.parent), files, demo, group, error))
     return found
 
 
@@ -335,24 +338,19 @@ def _mnms2(source: Path, options: Mapping) -> list[SourceSubject]:
     for folder in folders:
         sid = folder.name
 
-        def load(folder=folder, sid=sid) -> dict[str, Volume]:
-            return {ph: _volume(folder / f"{sid}_SA_{ph}.nii.gz", folder / f"{sid}_SA_{ph}_gt.nii.gz") for ph in PHASES}
-
+        files = {ph: (folder / f"{sid}_SA_{ph}.nii.gz", folder / f"{sid}_SA_{ph}_gt.nii.gz", None) for ph in PHASES}
         row = by_id.get(sid) or by_id.get(sid.lstrip("0"))
         demo = _info_demographics(header, row) if row else {}
         group = (row.get(group_col) or "").strip() if row and group_col else ""
-        found.append(SourceSubject(sid, str(folder), load, demo, group))
+        found.append(SourceSubject(sid, str(folder), files, demo, group))
     return found
 
 
 def _ukbb(source: Path, options: Mapping) -> list[SourceSubject]:
     found = []
     for folder in sorted(p for p in source.iterdir() if p.is_dir() and (p / "sa_ED.nii.gz").exists()):
-
-        def load(folder=folder) -> dict[str, Volume]:
-            return {ph: _volume(folder / f"sa_{ph}.nii.gz", folder / f"seg_sa_{ph}.nii.gz") for ph in PHASES}
-
-        found.append(SourceSubject(folder.name, str(folder), load))
+        files = {ph: (folder / f"sa_{ph}.nii.gz", folder / f"seg_sa_{ph}.nii.gz", None) for ph in PHASES}
+        found.append(SourceSubject(folder.name, str(folder), files))
     return found
 
 
@@ -376,17 +374,15 @@ def _folder(source: Path, options: Mapping) -> list[SourceSubject]:
     ids = sorted({m["subject"] for p in source.glob(glob) if (m := regex.match(p.relative_to(source).as_posix()))})
     found = []
     for sid in ids:
-
-        def load(sid=sid) -> dict[str, Volume]:
-            return {
-                ph: _volume(
-                    source / image_pattern.format(subject=sid, phase=ph),
-                    source / label_pattern.format(subject=sid, phase=ph),
-                )
-                for ph in PHASES
-            }
-
-        found.append(SourceSubject(sid, str(source / image_pattern.format(subject=sid, phase="ED")), load))
+        files = {
+            ph: (
+                source / image_pattern.format(subject=sid, phase=ph),
+                source / label_pattern.format(subject=sid, phase=ph),
+                None,
+            )
+            for ph in PHASES
+        }
+        found.append(SourceSubject(sid, str(files["ED"][0]), files))
     return found
 
 
