@@ -40,7 +40,7 @@ Output layout (``DIR`` is ``out_dir``)::
 
 Command line::
 
-    python -m scripts.phantom --out DIR --subjects 200 --domain public --seed 0
+    python -m scripts.phantom --out DIR --subjects 200 --domain public --seed 0 [--layout acdc|mnms|mnms2|ukbb]
 """
 
 from __future__ import annotations
@@ -1090,6 +1090,7 @@ def generate_cohort(
     overwrite: bool = False,
     num_workers: int = 1,
     progress: bool = True,
+    layout: Any = "bundle",
 ) -> dict[str, Any]:
     """Generate a synthetic cohort: NIfTI volumes, label maps, attributes.csv and datalist.json.
 
@@ -1109,13 +1110,16 @@ def generate_cohort(
             other files are kept.
         num_workers: worker processes for rendering (1 = in this process).
         progress: show a tqdm progress bar.
+        layout: ``"bundle"`` or a dataset layout (see :class:`CohortSpec`).
 
     Returns:
         summary dict: out_dir, domain, seed, subjects, volumes, groups, split sizes,
         datalist / attributes_csv / subjects_csv paths and per-attribute min / max /
         missing counts.
     """
-    spec = CohortSpec(out_dir, subjects, domain, seed, image_size, split_fractions, overwrite, num_workers, progress)
+    spec = CohortSpec(
+        out_dir, subjects, domain, seed, image_size, split_fractions, overwrite, num_workers, progress, layout
+    )
     return generate_cohorts([spec])[0]
 
 
@@ -1129,6 +1133,7 @@ def main(
     overwrite: bool = False,
     num_workers: int = 1,
     progress: bool = True,
+    layout: str = "bundle",
 ) -> None:
     """Command-line entry point (``python -m scripts.phantom --out DIR ...``); prints the summary as JSON.
 
@@ -1142,6 +1147,7 @@ def main(
         overwrite: replace an existing cohort in ``out``.
         num_workers: rendering processes.
         progress: show a progress bar.
+        layout: ``bundle`` or a dataset layout: ``acdc``, ``mnms``, ``mnms2``, ``ukbb``.
     """
     summary = generate_cohort(
         str(out),
@@ -1153,6 +1159,7 @@ def main(
         overwrite=overwrite,
         num_workers=num_workers,
         progress=progress,
+        layout=str(layout),
     )
     print(json.dumps(summary, indent=2))
 
