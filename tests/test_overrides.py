@@ -24,6 +24,7 @@ STAGES = {
     "configs/inference.yaml": "initialize",
     "configs/phantom.yaml": "initialize",
     "configs/dp_attributes.yaml": "initialize",
+    "configs/prepare.yaml": "initialize",
 }
 
 
