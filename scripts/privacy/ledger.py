@@ -338,8 +338,10 @@ class PrivacyLedger(IAccountant):
                 "attribute values copied from private records to condition sampling (that is a separate release)",
                 "repeated runs and hyper-parameter selection on the private data: every run spends its own budget "
                 "(--resume False starts a fresh ledger; the earlier ledger is kept beside it)",
-                "logs and timing: the total run time and MLflow's timestamps (per-step and per-epoch times are not "
-                "logged by the DP stages)",
+                "logs and timing: the total run time, the ledger's start stamp and MLflow's run timestamps; file "
+                "modification times (the write-ahead ledger is rewritten every step, the resume checkpoint every "
+                "epoch: watching the folder during the run shows step and epoch durations). The DP stages' log "
+                "lines and MLflow metrics carry no per-step or per-epoch time",
                 "evaluation numbers computed on private records (eval/report.json)",
                 "synthetic images decoded with another autoencoder than the one named here",
             ],
