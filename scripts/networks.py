@@ -68,15 +68,34 @@ class SliceAutoencoder(nn.Module):
         """Decode a (B, latent_channels, D, h, w) latent to a (B, C, D, H, W) stack."""
         return to_stack(self.autoencoder.decode(to_slices(z)), z.shape[0])
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (reconstruction, z_mu, z_sigma) like ``AutoencoderKL.forward``.
 
-        In training the latent is sampled from the posterior; in eval mode its mean is used,
-        so validation losses are deterministic.
+        In training the latent is sampled from the posterior, ``z_mu + noise * z_sigma``; in
+        eval mode its mean is used, so validation losses are deterministic.
+
+        Args:
+            x: (B, C, D, H, W) stacks.
+            noise: the standard normal draws of the posterior sample, shaped like the latent
+                (:meth:`latent_shape`). None draws them from the global RNG (public
+                pre-training); the DP stage passes draws from a private generator kept in
+                each unit, so no DP step reads the public-seeded global RNG.
         """
         z_mu, z_sigma = self.encode(x)
-        z = z_mu + torch.randn_like(z_sigma) * z_sigma if self.training else z_mu
+        if self.training:
+            noise = torch.randn_like(z_sigma) if noise is None else noise.to(z_sigma.dtype)
+            z = z_mu + noise * z_sigma
+        else:
+            z = z_mu
         return self.decode(z), z_mu, z_sigma
+
+    def latent_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
+        """The latent's shape for images of ``image_shape`` (B, C, D, H, W)."""
+        factor = 2 ** _num_downsamples(self)
+        b, _, d, h, w = image_shape
+        return (b, self.autoencoder.latent_channels, d, h // factor, w // factor)
 
     def encode_stage_2_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic latent (the posterior mean) for the diffusion stage, before scaling."""

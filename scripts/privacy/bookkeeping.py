@@ -401,7 +401,7 @@ def _clip_and_add(
                 if call.result.deferred is not None:
                     deferred.append((layer, call.result.deferred))
             for g in per_unit.values():
-                sq += g.reshape(count, -1).pow(2).sum(1).to(sq.dtype)
+                sq += torch.linalg.vector_norm(g.reshape(count, -1), dim=1, dtype=sq.dtype).pow(2)
             kept.append((layer, per_unit))
         norms = sq.sqrt()
         finite = torch.isfinite(norms)
@@ -412,7 +412,8 @@ def _clip_and_add(
                 flat = g.reshape(count, -1)
                 if mask is not None:
                     flat = torch.where(mask.unsqueeze(1), flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
-                summed[layer.index[n]].add_((factors.to(flat.dtype) @ flat).reshape(summed[layer.index[n]].shape))
+                target = summed[layer.index[n]]
+                target.add_((factors.to(target.dtype) @ flat.to(target.dtype)).reshape(target.shape))
         del kept
         for layer, fn in deferred:
             for n, g in fn(factors, mask).items():

@@ -179,6 +179,11 @@ def process(
 # ----------------------------------------------------------------------------- helpers
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Squared norms are summed in at least float32 (16-bit sums lose the clipping bound)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _weighted(x: torch.Tensor, factors: torch.Tensor, finite: torch.Tensor | None) -> torch.Tensor:
     """``x * factors`` over the leading (unit) dimension; units not ``finite`` contribute exact zeros.
 
@@ -224,7 +229,7 @@ def _linear(
     d, p = inp.shape[-1], grad.shape[-1]
     a = inp.reshape(units, -1, d)  # (B, n, d): rows of a unit x positions (tokens) per row
     g = grad.reshape(units, -1, p)
-    out = LayerGrads(sq_norms=torch.zeros(units, dtype=grad.dtype, device=grad.device))
+    out = LayerGrads(sq_norms=torch.zeros(units, dtype=_acc(grad.dtype), device=grad.device))
     if "bias" in trainable:
         out.per_unit["bias"], out.rules["bias"] = g.sum(1), "keep"
     if "weight" not in trainable:
@@ -311,7 +316,7 @@ def _conv(
 ) -> LayerGrads:
     cout = grad.shape[1]
     rows = inp.shape[0] // units
-    out = LayerGrads(sq_norms=torch.zeros(units, dtype=grad.dtype, device=grad.device))
+    out = LayerGrads(sq_norms=torch.zeros(units, dtype=_acc(grad.dtype), device=grad.device))
     if "bias" in trainable:
         out.per_unit["bias"], out.rules["bias"] = grad.reshape(units, rows, cout, -1).sum((1, 3)), "keep"
     if "weight" not in trainable:
@@ -387,7 +392,7 @@ def _layer_norm(
 def _embedding(
     module: nn.Embedding, idx: torch.Tensor, grad: torch.Tensor, units: int, trainable: set[str], rule: str | None
 ) -> LayerGrads:
-    out = LayerGrads(sq_norms=torch.zeros(units, dtype=grad.dtype, device=grad.device))
+    out = LayerGrads(sq_norms=torch.zeros(units, dtype=_acc(grad.dtype), device=grad.device))
     if "weight" not in trainable:
         return out
     num, dim = module.weight.shape

@@ -14,14 +14,18 @@ logical batch into physical chunks: Opacus's ``BatchMemoryManager`` splits by ro
 be used), and the write-ahead ledger.
 
 Privacy-first choices: no statistic of the private data is logged or returned (not the
-training loss, not gradient norms, not the number of units in a step); only epsilon is.
+training loss, not gradient norms, not the number of units in a step); only epsilon is. Log
+lines carry no wall-clock time (:func:`drop_log_times`), and every step runs with the global
+RNG forked and re-seeded from OS entropy (:func:`private_rng`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import mlflow
@@ -34,15 +38,55 @@ from torch import nn
 
 from scripts.errors import ConfigError
 from scripts.files import remove_stale_temp
+from scripts.privacy.clipping import UnitClipper
 from scripts.privacy.ledger import PrivacyLedger
 from scripts.privacy.optimizers import UnitDistributedDPOptimizer, UnitDPOptimizer
-from scripts.privacy.per_sample import clipped_grad_sum
+from scripts.privacy.per_sample import MODES
 from scripts.privacy.unit_losses import private_generator
 from scripts.privacy.validation import apply_scope, validate_network
 
-__all__ = ["DPTrainingHandler", "UntimedMLFlowHandler"]
+__all__ = ["DPTrainingHandler", "UntimedMLFlowHandler", "drop_log_times", "private_rng"]
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def private_rng(device: str | torch.device = "cpu") -> Iterator[None]:
+    """Run the block with the global RNG (CPU, and ``device`` if CUDA) re-seeded from OS entropy, then restore it.
+
+    The global RNG starts from the public config seed and is saved in checkpoints: a draw
+    from it inside a DP step (a posterior sample, dropout, ``vmap``'s randomness) could be
+    replayed from the seed, and how far the stream advanced would count the private rows of
+    the step. Inside the block every such draw is unpredictable; after it the global state is
+    as before, whatever the batch held. The bundle's own draws come from private generators
+    kept in the units; this covers what a network draws by itself.
+    """
+    device = torch.device(device)
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(secrets.randbits(63))
+        for d in devices:
+            torch.cuda.default_generators[d].manual_seed(secrets.randbits(63))
+        yield
+
+
+def drop_log_times() -> None:
+    """Remove the wall-clock field from the format of every handler of the root logger.
+
+    configs/logging.conf stamps each line with ``asctime``; in a DP stage the gaps between the
+    epoch lines are epoch durations, which grow with the number of units sampled (15 ms for
+    an epoch of 0 units against 1.5 s for 5, measured). Applied when a DP handler is built,
+    before the first step; the lines keep logger name, level and message.
+    """
+    for handler in logging.getLogger().handlers:
+        formatter = handler.formatter
+        fmt = getattr(formatter, "_fmt", None) or ""
+        if "asctime" not in fmt:
+            continue
+        untimed = fmt.replace("%(asctime)s - ", "").replace("%(asctime)s ", "").replace("%(asctime)s", "")
+        handler.setFormatter(logging.Formatter(untimed or "%(name)s - %(levelname)s - %(message)s"))
 
 
 class DPTrainingHandler:
@@ -94,11 +138,20 @@ class DPTrainingHandler:
                 "config field 'max_physical_batch_size': expected an integer >= 1, got "
                 f"{settings['max_physical_batch_size']}"
             )
-        from scripts.privacy.per_sample import MODES
-
-        look_up_option(self.grad_sample_mode, MODES)
+        look_up_option(self.grad_sample_mode, ("auto", *MODES))
         validate_network(network)
         self.trainable = apply_scope(network, str(settings.get("finetune_scope", "all")))
+        # "auto" is resolved here, after the scope: the layers it checks are those that train
+        self.clipper = UnitClipper(
+            network,
+            self.grad_sample_mode,
+            device,
+            self.max_grad_norm,
+            self.max_physical_batch_size,
+            generator=private_generator(None, "cpu"),
+        )
+        ledger.settings["grad_sample_mode"] = self.clipper.description
+        drop_log_times()
         # temp files of a killed writer of the ledger or the report (the checkpoint handler cleans its own)
         for path in (ledger.path, report_path):
             if path:
@@ -119,7 +172,7 @@ class DPTrainingHandler:
         logger.info(
             f"DP-SGD: {settings['units']} {settings['privacy_unit']}-level units, q={ledger.sample_rate:.4g}, "
             f"{ledger.planned_steps} steps planned, sigma={ledger.noise_multiplier:.4g}, C={self.max_grad_norm}, "
-            f"K={settings.get('noise_multiplicity', 1)}, per-unit gradients: {self.grad_sample_mode}, target "
+            f"K={settings.get('noise_multiplicity', 1)}, per-unit gradients: {self.clipper.description}, target "
             f"(epsilon={ledger.target_epsilon:g}, delta={ledger.delta:g}), {ledger.accountant} accountant"
         )
 
@@ -143,18 +196,14 @@ class DPTrainingHandler:
             return {"step": self.ledger.steps, "skipped": True}
         self.ledger.step()  # recorded before the step reads private data
         self.network.train()
-        units = [self.unit_loss.make_unit(u, self.device) for u in batch]
-        summed, _ = clipped_grad_sum(
-            self.network,
-            self.unit_loss.loss,
-            units,
-            self.max_grad_norm,
-            self.grad_sample_mode,
-            self.max_physical_batch_size,
-        )
-        self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer.set_clipped_sum(self.params, summed)
-        self.optimizer.step()
+        with private_rng(self.device):
+            units = [self.unit_loss.make_unit(u, self.device) for u in batch]
+            summed = self.clipper(self.unit_loss.loss, units)
+            if self.clipper.description != self.ledger.settings["grad_sample_mode"]:  # a fall-back: the report says so
+                self.ledger.settings["grad_sample_mode"] = self.clipper.description
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.set_clipped_sum(self.params, summed)
+            self.optimizer.step()
         return {"step": self.ledger.steps}
 
     def attach(self, engine: Engine) -> None:

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,7 +34,7 @@ from scripts.errors import ConfigError, DataError
 from scripts.files import sha256, write_text_atomic
 from scripts.privacy.accounting import calibrate_noise_after, compose_epsilon
 
-__all__ = ["PrivacyLedger", "ancestors", "read_report", "report_summary", "RESUME_KEYS"]
+__all__ = ["PrivacyLedger", "ancestors", "read_report", "report_summary", "run_id", "RESUME_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,13 @@ def _compose(history: Sequence[tuple[float, float, int]], delta: float, accounta
     if any(sigma == 0 for sigma, _, steps in history if steps > 0):
         return math.inf
     return compose_epsilon(list(history), delta, accountant) if history else 0.0
+
+
+def run_id(record: Mapping[str, Any] | None) -> str | None:
+    """A run's identity: its random ``run_id``, or for files and checkpoints written before it, ``started``."""
+    if not record:
+        return None
+    return record.get("run_id") or record.get("started")
 
 
 def _read_json(path: str, what: str) -> dict[str, Any]:
@@ -142,6 +150,9 @@ class PrivacyLedger(IAccountant):
         self.planned_steps = int(epochs) * self.steps_per_epoch
         self.path = path
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        # the run's identity: random, not the start time (two runs started in the same second
+        # were taken for one, and a resume composed 8 of their 18 steps)
+        self.run_id = secrets.token_hex(8)
         self.status = "running"
         self.prior = [dict(s) for s in prior_stages]
         self._check_prior(self.prior)
@@ -256,6 +267,7 @@ class PrivacyLedger(IAccountant):
             "steps": self.steps,
             "epochs": self.steps / self.steps_per_epoch,
             "started": self.started,
+            "run_id": self.run_id,
         }
 
     def entries(self) -> list[dict[str, Any]]:
@@ -266,16 +278,19 @@ class PrivacyLedger(IAccountant):
         """Write the ledger file atomically (rank 0); an earlier complete run's file is kept under another name."""
         if not self.path or idist.get_rank() > 0:
             return
-        if self._previous is not None and self._previous.get("started") != self.started and os.path.isfile(self.path):
+        if self._previous is not None and run_id(self._previous) != self.run_id and os.path.isfile(self.path):
             if self._previous.get("status") == "complete":
-                archived = (
-                    f"{os.path.splitext(self.path)[0]}.{self._previous.get('started', 'unknown').replace(':', '')}.json"
-                )
+                stamp = f"{self._previous.get('started', 'unknown').replace(':', '')}"
+                archived = f"{os.path.splitext(self.path)[0]}.{stamp}.{self._previous.get('run_id', 'old')}.json"
                 os.replace(self.path, archived)
                 logger.info(f"the ledger of the earlier complete run is kept as {archived}")
             self._previous = None
         write_text_atomic(
-            self.path, json.dumps({"stages": self.entries(), "started": self.started, "status": self.status}, indent=2)
+            self.path,
+            json.dumps(
+                {"stages": self.entries(), "started": self.started, "run_id": self.run_id, "status": self.status},
+                indent=2,
+            ),
         )
 
     def complete(self) -> None:
@@ -323,8 +338,10 @@ class PrivacyLedger(IAccountant):
                 "attribute values copied from private records to condition sampling (that is a separate release)",
                 "repeated runs and hyper-parameter selection on the private data: every run spends its own budget "
                 "(--resume False starts a fresh ledger; the earlier ledger is kept beside it)",
-                "logs and timing: the total run time and MLflow's timestamps (per-step and per-epoch times are not "
-                "logged by the DP stages)",
+                "logs and timing: the total run time, the ledger's start stamp and MLflow's run timestamps; file "
+                "modification times (the write-ahead ledger is rewritten every step, the resume checkpoint every "
+                "epoch: watching the folder during the run shows step and epoch durations). The DP stages' log "
+                "lines and MLflow metrics carry no per-step or per-epoch time",
                 "evaluation numbers computed on private records (eval/report.json)",
                 "synthetic images decoded with another autoencoder than the one named here",
             ],
@@ -384,6 +401,41 @@ class PrivacyLedger(IAccountant):
 
     # -- resume ---------------------------------------------------------------------------------------
 
+    def _check_file_covers(self, state: Mapping[str, Any]) -> None:
+        """Refuse a resume whose write-ahead file is missing or records fewer steps of the run than the checkpoint.
+
+        The steps a run took after its last checkpoint are known only from the file; without
+        it a resume counted the checkpoint's steps (6 instead of 10, epsilon 2.43 instead of
+        2.79). The file covers the checkpoint's run when it holds an entry of that run (its own,
+        or the run composed as interrupted by a later one) with at least the checkpoint's steps.
+        """
+        if not self.path or not state.get("ledger_file", True):
+            return
+        steps = sum(int(h[2]) for h in state.get("history", []))
+        if steps == 0:
+            return
+        identity = run_id(state)
+        previous = self._previous
+        recorded = [
+            int(s.get("steps", 0))
+            for s in (previous or {}).get("stages", [])
+            if isinstance(s, Mapping) and run_id(s) == identity
+        ]
+        if previous is None or not recorded or max(recorded) < steps:
+            found = (
+                "is missing"
+                if previous is None
+                else f"records {max(recorded) if recorded else 0} step(s) of that run"
+                if recorded or run_id(previous) == identity
+                else "belongs to another run"
+            )
+            raise DataError(
+                f"cannot resume: the checkpoint's run took {steps} DP step(s), but its write-ahead ledger {self.path} "
+                f"{found}. The steps taken after the checkpoint are known only from that file, so a resume would "
+                "undercount the privacy spent. Restore the file from a backup, or start a new run with --resume False "
+                "(a new run spends its own budget)"
+            )
+
     def state_dict(self, destination: dict | None = None) -> dict[str, Any]:
         state = super().state_dict(destination)
         state.update(
@@ -393,6 +445,8 @@ class PrivacyLedger(IAccountant):
             prior=self.prior,
             interrupted=self.interrupted,
             started=self.started,
+            run_id=self.run_id,
+            ledger_file=bool(self.path),
         )
         return state
 
@@ -420,13 +474,15 @@ class PrivacyLedger(IAccountant):
                 f"the checkpoint was trained on ({[s['stage'] for s in saved_prior]} there, "
                 f"{[s['stage'] for s in now_prior]} now); load the same files or start a new run with --resume False"
             )
+        self._check_file_covers(state)
         super().load_state_dict(state)
         self.noise_multiplier = float(state["noise_multiplier"])
         self.sample_rate = float(state["sample_rate"])
         self.prior, self.started = [dict(s) for s in state["prior"]], state["started"]
+        self.run_id = run_id(state)
         previous = self._previous
         saved_interrupted = [dict(s) for s in state.get("interrupted", [])]
-        if previous and previous.get("started") == self.started:
+        if previous and run_id(previous) == self.run_id:
             # the file is this run's own write-ahead record: its interrupted predecessors are in the checkpoint
             self.interrupted = saved_interrupted
             logged = int(previous["stages"][-1]["steps"])
@@ -464,7 +520,9 @@ def ancestors(*sources: Any) -> list[dict[str, Any]]:
             source.get("privacy_ledger", []) if isinstance(source, Mapping) else getattr(source, "privacy_ledger", [])
         )
         for entry in entries or []:
-            key = tuple(str(entry.get(k)) for k in ("stage", "started", "noise_multiplier", "sample_rate", "steps"))
+            key = tuple(
+                str(entry.get(k)) for k in ("stage", "started", "run_id", "noise_multiplier", "sample_rate", "steps")
+            )
             if key not in seen:
                 seen.add(key)
                 out.append({k: v for k, v in entry.items() if k != "epsilon_alone"})

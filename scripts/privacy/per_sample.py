@@ -72,27 +72,49 @@ from scripts.privacy.bookkeeping import bookkeeping_clipped_sum, unsupported_lay
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODES", "clip_factor", "clipped_grad_sum", "resolve_grad_sample_mode"]
+__all__ = ["MODES", "accumulation_dtype", "clip_bound", "clip_factor", "clipped_grad_sum", "resolve_grad_sample_mode"]
 
 MODES: tuple[str, ...] = ("loop", "vmap", "bookkeeping")
 
 UnitLoss = Callable[[Callable[..., torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor]
 
 
-def clip_factor(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """Opacus's per-sample clip factor ``min(1, C / (norm + 1e-6))``.
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of norms, clip factors and clipped sums for parameters of ``dtype``: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def clip_bound(max_grad_norm: float, dtype: torch.dtype | None = None) -> float:
+    """The norm a unit is clipped to for parameters of ``dtype``: C, or C (1 - 2 eps) in 16-bit floats.
+
+    The clipped sum is accumulated in float32 and rounded to the parameters' dtype once; a
+    rounding moves each element by at most eps / 2 relative, and the per-layer norms of
+    ``"bookkeeping"`` are computed from 16-bit activations (about eps relative). Clipping to
+    C (1 - 2 eps) keeps the rounded unit contribution within C in bfloat16 and float16
+    (tests/test_privacy_audit2.py); clipping to C, a bf16 unit reached 1.005 C.
+    """
+    if dtype is None or not dtype.is_floating_point or dtype.itemsize > 2:
+        return float(max_grad_norm)
+    return float(max_grad_norm) * (1.0 - 2.0 * torch.finfo(dtype).eps)
+
+
+def clip_factor(norms: torch.Tensor, max_grad_norm: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Opacus's per-sample clip factor ``min(1, C / (norm + 1e-6))``, in at least float32.
 
     Same expression as ``DPOptimizer.clip_and_accumulate`` (opacus/optimizers/optimizer.py),
-    so a unit here is clipped exactly as Opacus clips a row.
+    so a unit here is clipped exactly as Opacus clips a row; for 16-bit parameters
+    (``dtype``) C is :func:`clip_bound`'s.
 
     Args:
         norms: per-unit gradient L2 norms, any shape.
         max_grad_norm: the clipping bound C.
+        dtype: the parameters' dtype (None: C as given).
 
     Returns:
-        the factors, shape of ``norms``.
+        the factors, shape of ``norms``, in ``accumulation_dtype(norms.dtype)``.
     """
-    return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    norms = norms.to(accumulation_dtype(norms.dtype))
+    return (clip_bound(max_grad_norm, dtype) / (norms + 1e-6)).clamp(max=1.0)
 
 
 def resolve_grad_sample_mode(mode: str, device: str | torch.device = "cpu", network: nn.Module | None = None) -> str:
@@ -175,21 +197,24 @@ def clipped_grad_sum(
         raise ValueError(f"clipped_grad_sum: max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    summed = [torch.zeros_like(p) for p in params]
-    norms = (
-        torch.zeros(len(units), device=params[0].device, dtype=params[0].dtype) if params else torch.zeros(len(units))
-    )
-    if not units or not params:
-        return summed, norms
-    if mode == "auto":
-        mode = resolve_grad_sample_mode("auto", params[0].device, model)
-    if mode == "loop":
-        _loop(model, unit_loss, units, max_grad_norm, params, summed, norms)
-    elif mode == "vmap":
-        _vmap(model, unit_loss, units, max_grad_norm, max_physical_batch_size, named, summed, norms)
-    else:
-        bookkeeping_clipped_sum(model, unit_loss, units, max_grad_norm, max_physical_batch_size, named, summed, norms)
-    return summed, norms
+    if not params:
+        return [], torch.zeros(len(units))
+    # Norms, factors and the sum in at least float32, rounded to the parameters' dtype once at the end
+    # (16-bit accumulation let a clipped unit reach 1.005 C in bfloat16).
+    acc = accumulation_dtype(params[0].dtype)
+    summed = [torch.zeros_like(p, dtype=acc) for p in params]
+    norms = torch.zeros(len(units), device=params[0].device, dtype=acc)
+    if units:
+        if mode == "auto":
+            mode = resolve_grad_sample_mode("auto", params[0].device, model)
+        bound = clip_bound(max_grad_norm, params[0].dtype)
+        if mode == "loop":
+            _loop(model, unit_loss, units, bound, params, summed, norms)
+        elif mode == "vmap":
+            _vmap(model, unit_loss, units, bound, max_physical_batch_size, named, summed, norms)
+        else:
+            bookkeeping_clipped_sum(model, unit_loss, units, bound, max_physical_batch_size, named, summed, norms)
+    return [s.to(p.dtype) for s, p in zip(summed, params)], norms
 
 
 def _loop(
@@ -216,14 +241,16 @@ def _loop(
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         with torch.no_grad():
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-            # Same norm as Opacus: L2 of the per-parameter L2 norms.
-            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            # Same norm as Opacus: L2 of the per-parameter L2 norms (in float32 at least).
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g, dtype=norms.dtype) for g in grads])
+            )
             norms[i] = norm
             if not bool(torch.isfinite(norm)):  # a non-finite unit gradient contributes zero (host sync: CPU-cheap)
                 continue
             factor = clip_factor(norm, max_grad_norm)
             for s, g in zip(summed, grads):
-                s.addcmul_(g, factor.to(s.dtype))  # tensor factor: no host sync on GPU, no temporary
+                s.addcmul_(g.to(s.dtype), factor)  # tensor factor: no host sync on GPU, no temporary in float32
         # Free this unit's gradients before the next backward allocates the next ones
         # (else the peak holds two sets of per-unit gradients plus the sum).
         del loss, grads
@@ -267,7 +294,10 @@ def _vmap(
                 grads = [grads[n] for n, _ in named]
                 n = len(chunk)
                 # As DPOptimizer.clip_and_accumulate: per-parameter norms, then their L2 norm.
-                chunk_norms = torch.stack([g.reshape(n, -1).norm(2, dim=-1) for g in grads], dim=1).norm(2, dim=1)
+                acc = norms.dtype
+                chunk_norms = torch.stack(
+                    [torch.linalg.vector_norm(g.reshape(n, -1), dim=-1, dtype=acc) for g in grads], dim=1
+                ).norm(2, dim=1)
                 norms[torch.as_tensor(chunk, device=norms.device)] = chunk_norms.to(norms.dtype)
                 finite = torch.isfinite(chunk_norms)
                 factor = torch.where(finite, clip_factor(chunk_norms, max_grad_norm), torch.zeros_like(chunk_norms))
@@ -275,5 +305,5 @@ def _vmap(
                     keep = [finite.view((-1,) + (1,) * (g.ndim - 1)) for g in grads]
                     grads = [torch.where(k, g, torch.zeros_like(g)) for k, g in zip(keep, grads)]
                 for s, g in zip(summed, grads):
-                    s.add_(torch.einsum("i,i...", factor.to(g.dtype), g))
+                    s.add_(torch.einsum("i,i...", factor.to(s.dtype), g.to(s.dtype)))
             del grads

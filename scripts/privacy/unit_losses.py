@@ -94,13 +94,28 @@ class LatentDiffusionUnitLoss(LatentDiffusionPrepareBatch):
 class AutoencoderUnitLoss:
     """Rows and loss of a unit for DP fine-tuning of the autoencoder: its volumes, K posterior draws.
 
+    The posterior sample of each row, ``z_mu + noise * z_sigma``, takes its ``noise`` from the
+    unit (drawn in :meth:`make_unit` from a generator seeded from OS entropy), as the diffusion
+    stage's noise and timesteps: a draw from the global RNG, whose seed is public, let anyone
+    replay how many rows a step sampled, and made the other units' draws depend on whether a
+    unit was added ahead of them (noise-off sum moved by 1.033 C).
+
     Args:
         loss_function: ``AutoencoderKLLoss`` (reconstruction + KL); a loss with trainable
             state of its own (a discriminator) would train outside DP and is refused.
         noise_multiplicity: K posterior samples per record.
+        autoencoder: the :class:`~scripts.networks.SliceAutoencoder` being fine-tuned (for the
+            latent's shape); needed by :meth:`make_unit`.
+        seed: seed of the private generator (tests only; None: OS entropy).
     """
 
-    def __init__(self, loss_function: nn.Module, noise_multiplicity: int = 1) -> None:
+    def __init__(
+        self,
+        loss_function: nn.Module,
+        noise_multiplicity: int = 1,
+        autoencoder: nn.Module | None = None,
+        seed: int | None = None,
+    ) -> None:
         trainable = (
             [n for n, p in loss_function.named_parameters() if p.requires_grad]
             if isinstance(loss_function, nn.Module)
@@ -114,12 +129,20 @@ class AutoencoderUnitLoss:
             )
         if noise_multiplicity < 1:
             raise ConfigError(f"config field 'noise_multiplicity': expected an integer >= 1, got {noise_multiplicity}")
-        self.loss_function, self.k = loss_function, int(noise_multiplicity)
+        self.loss_function, self.k, self.autoencoder = loss_function, int(noise_multiplicity), autoencoder
+        self.generator = private_generator(seed)
 
     def make_unit(self, unit: Mapping[str, Any], device: str | torch.device) -> dict[str, torch.Tensor]:
-        """The unit's images, each repeated K times."""
-        return {"image": unit["image"].to(device).repeat_interleave(self.k, dim=0)}
+        """The unit's images, each repeated K times, and the standard normal draws of their posterior samples."""
+        if self.autoencoder is None or not hasattr(self.autoencoder, "latent_shape"):
+            raise ConfigError(
+                "AutoencoderUnitLoss needs 'autoencoder' (the SliceAutoencoder being fine-tuned, e.g. autoencoder: "
+                "'@network' in configs/dp_finetune_autoencoder.yaml) to draw its posterior noise privately"
+            )
+        image = unit["image"].to(device).repeat_interleave(self.k, dim=0)
+        noise = torch.randn(self.autoencoder.latent_shape(image.shape), generator=self.generator)
+        return {"image": image, "posterior_noise": noise.to(device)}
 
     def loss(self, net: Callable[..., torch.Tensor], unit: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Autoencoder loss of the unit's rows."""
-        return self.loss_function(net(unit["image"]), unit["image"])
+        """Autoencoder loss of the unit's rows, with the unit's posterior noise."""
+        return self.loss_function(net(unit["image"], unit["posterior_noise"]), unit["image"])

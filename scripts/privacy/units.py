@@ -7,6 +7,7 @@ and the loader draws each unit independently with probability q (Opacus's Poisso
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from collections import defaultdict
@@ -18,7 +19,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from scripts.errors import ConfigError, DataError
 
-__all__ = ["UNITS", "PrivacyUnits", "DistributedPoissonSampler", "poisson_loader", "sample_rate"]
+__all__ = ["UNITS", "PrivacyUnits", "DistributedPoissonSampler", "poisson_loader", "rank_seed", "sample_rate"]
 
 UNITS = ("subject", "record")
 
@@ -122,16 +123,18 @@ class DistributedPoissonSampler(torch.utils.data.Sampler):
         sample_rate: Poisson rate q.
         rank: this process's rank.
         world_size: number of processes.
-        generator: generator of the draws (seed it from OS entropy).
+        seed: seed of the draws (tests); each rank derives its own stream from ``(seed, rank)``,
+            so ranks never draw the same inclusions (which would include unit r and unit
+            r + 1 together: Poisson sampling needs independent draws). None: OS entropy.
     """
 
     def __init__(
-        self, num_units: int, sample_rate: float, rank: int, world_size: int, generator: torch.Generator | None = None
+        self, num_units: int, sample_rate: float, rank: int, world_size: int, *, seed: int | None = None
     ) -> None:
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
         self.shard = list(range(rank, num_units, world_size))
-        self.sample_rate, self.generator = sample_rate, generator
+        self.sample_rate, self.generator = sample_rate, torch.Generator().manual_seed(rank_seed(seed, rank))
         self.steps = int(1 / sample_rate)
 
     def __len__(self) -> int:
@@ -141,6 +144,14 @@ class DistributedPoissonSampler(torch.utils.data.Sampler):
         for _ in range(self.steps):
             mask = torch.rand(len(self.shard), generator=self.generator) < self.sample_rate
             yield [self.shard[i] for i in mask.nonzero().reshape(-1).tolist()]
+
+
+def rank_seed(seed: int | None, rank: int) -> int:
+    """A 63-bit seed for ``rank``'s sampling stream: from ``(seed, rank)``, or from OS entropy when ``seed`` is None."""
+    if seed is None:
+        return secrets.randbits(63)
+    digest = hashlib.sha256(f"poisson-sampler:{int(seed)}:{int(rank)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def _list_collate(units: list) -> list:
@@ -165,11 +176,11 @@ def poisson_loader(
     Returns:
         a ``DataLoader`` yielding lists of unit dicts.
     """
-    generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
     if distributed:
         sampler = DistributedPoissonSampler(
-            len(units), sample_rate, idist.get_rank(), idist.get_world_size(), generator=generator
+            len(units), sample_rate, idist.get_rank(), idist.get_world_size(), seed=seed
         )
     else:
+        generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
         sampler = UniformWithReplacementSampler(num_samples=len(units), sample_rate=sample_rate, generator=generator)
     return torch.utils.data.DataLoader(units, batch_sampler=sampler, collate_fn=_list_collate, num_workers=num_workers)

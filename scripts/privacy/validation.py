@@ -33,6 +33,13 @@ def validate_network(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if isinstance(module, _BatchNorm) or (isinstance(module, _InstanceNorm) and module.track_running_stats):
             errors.append(f"'{name}' ({type(module).__name__}) normalises across the batch and mixes records")
+        elif isinstance(module, nn.Embedding) and module.max_norm is not None:
+            # Embedding.forward renormalises the looked-up rows of the weight IN PLACE: a change
+            # of the weights by private data outside the clipped, noised update
+            errors.append(
+                f"'{name}' (Embedding with max_norm={module.max_norm}) renormalises its weight rows in place, outside "
+                "DP-SGD; use max_norm=None"
+            )
         elif next(module.children(), None) is None:  # leaves: Opacus's validators look at leaf modules
             errors += [
                 f"'{name}' ({type(module).__name__}): {e}" for e in ModuleValidator.validate(module, strict=False)
