@@ -196,3 +196,24 @@ def test_release_rerun_removes_a_killed_release_staging_folder(tmp_path):
         out, "https://example.org/r", ROOT, autoencoder=models / "autoencoder.pt", diffusion=models / "diffusion.pt"
     )
     assert not stale.exists()
+
+
+class _Units(list):
+    """What helpers.dp_settings reads of the privacy units: 12 subjects of 2 records."""
+
+    unit, num_records = "subject", 24
+
+    def __init__(self) -> None:
+        super().__init__(range(12))
+
+
+def test_explicit_sigma_that_affords_no_step_is_refused_before_anything_runs():
+    from scripts.errors import ConfigError
+    from scripts.privacy.ledger import PrivacyLedger
+
+    from helpers import dp_settings
+
+    settings = dp_settings(_Units(), target_epsilon=10.0)
+    with pytest.raises(ConfigError, match=r"noise_multiplier=0.01 affords no DP step .* epsilon"):
+        PrivacyLedger(settings, sample_rate=0.5, epochs=2, noise_multiplier=0.01)
+    assert PrivacyLedger(settings, sample_rate=0.5, epochs=2, noise_multiplier=1.0).safe_steps == 4

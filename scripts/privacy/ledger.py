@@ -183,6 +183,17 @@ class PrivacyLedger(IAccountant):
                 "sigma, or 0 with target_epsilon inf (noise off: no privacy, for non-private baselines)"
             )
         self.safe_steps = self._safe_steps()
+        if self.safe_steps == 0:
+            # a stage that cannot take one step would "complete" with the pre-trained weights and replace
+            # an earlier release's model and report
+            one = _compose(
+                _history(self.all_prior) + [(self.noise_multiplier, self.sample_rate, 1)], self.delta, self.accountant
+            )
+            raise ConfigError(
+                f"noise_multiplier={self.noise_multiplier:g} affords no DP step within target_epsilon="
+                f"{self.target_epsilon:g}: one step (with the earlier stages on this data) already gives epsilon "
+                f"{one:.4g}. Leave --noise_multiplier null to calibrate it, or raise it; nothing was run"
+            )
 
     # -- Opacus accountant interface ---------------------------------------------------------------
 
