@@ -80,7 +80,8 @@ def network_config(size: str) -> dict:
     """Network kwargs, latent shape, lr and noise schedule from the bundle's YAML configs.
 
     ``small`` is ``configs/train_diffusion.yaml`` overridden by ``configs/small_diffusion.yaml``
-    (the same merge as ``--config_file "['configs/train_diffusion.yaml','configs/small_diffusion.yaml']"``).
+    (the same merge as the bundle's
+    ``--config_file "['configs/common.yaml','configs/train_diffusion.yaml','configs/small_diffusion.yaml']"``).
     """
     cfg = yaml.safe_load((REPO / "configs" / "train_diffusion.yaml").read_text())
     if size == "small":

@@ -40,8 +40,8 @@ __all__ = ["Step", "config_list", "demo_steps", "main", "preload", "run_steps"]
 
 
 def config_list(*names: str) -> str:
-    """The ``--config_file`` value that merges ``configs/<name>.yaml`` in order, e.g. a stage and its demo overlays."""
-    return "[" + ",".join(f"'configs/{name}.yaml'" for name in names) + "]"
+    """The ``--config_file`` value that merges ``configs/common.yaml`` and ``configs/<name>.yaml`` in order."""
+    return "[" + ",".join(f"'configs/{name}.yaml'" for name in ("common", *names)) + "]"
 
 
 # the demo recipe of each stage, merged last (benchmarks/privacy_utility.py uses the same)
@@ -93,7 +93,13 @@ def demo_steps(public_subjects: int = 40, private_subjects: int = 40, logs: str 
     return [
         Step(
             "phantom cohorts",
-            ["run", "--config_file", "configs/phantom.yaml", "--public_subjects", str(public_subjects)]
+            [
+                "run",
+                "--config_file",
+                "['configs/common.yaml','configs/phantom.yaml']",
+                "--public_subjects",
+                str(public_subjects),
+            ]
             + ["--private_subjects", str(private_subjects)]
             + ["--public_cohort#num_workers", "2", "--private_cohort#num_workers", "2"],
             threads=2,
@@ -124,14 +130,28 @@ def demo_steps(public_subjects: int = 40, private_subjects: int = 40, logs: str 
         ),
         Step(
             "synthesis: DP model",
-            ["run", "inference", "--config_file", "configs/inference.yaml", "--attributes_csv", requests]
+            [
+                "run",
+                "inference",
+                "--config_file",
+                "['configs/common.yaml','configs/inference.yaml']",
+                "--attributes_csv",
+                requests,
+            ]
             + ["--output_dir", "outputs/demo", "--overwrite", "True", "--progress", "False"],
             ("DP fine-tuning",),
             log=log("synthesis"),
         ),
         Step(
             "synthesis: public model",
-            ["run", "inference", "--config_file", "configs/inference.yaml", "--model_path", "models/diffusion.pt"]
+            [
+                "run",
+                "inference",
+                "--config_file",
+                "['configs/common.yaml','configs/inference.yaml']",
+                "--model_path",
+                "models/diffusion.pt",
+            ]
             + ["--attributes_csv", requests, "--output_dir", "outputs/demo_public", "--overwrite", "True"]
             + ["--progress", "False"],
             ("latent diffusion",),
@@ -139,21 +159,42 @@ def demo_steps(public_subjects: int = 40, private_subjects: int = 40, logs: str 
         ),
         Step(
             "LVEDV sweep: DP model",
-            ["run", "sweep", "--config_file", "configs/inference.yaml", "--attribute", "LVEDV"]
+            [
+                "run",
+                "sweep",
+                "--config_file",
+                "['configs/common.yaml','configs/inference.yaml']",
+                "--attribute",
+                "LVEDV",
+            ]
             + ["--output_dir", "outputs/demo_sweep", "--overwrite", "True"],
             ("DP fine-tuning",),
             log=log("sweep"),
         ),
         Step(
             "evaluation: DP model",
-            ["run", "evaluating", "--config_file", "configs/evaluate.yaml", "--synthetic_dir", "outputs/demo"]
+            [
+                "run",
+                "evaluating",
+                "--config_file",
+                "['configs/common.yaml','configs/evaluate.yaml']",
+                "--synthetic_dir",
+                "outputs/demo",
+            ]
             + ["--sweep_dir", "outputs/demo_sweep"],
             ("synthesis: DP model", "LVEDV sweep: DP model", "segmenter"),
             log=log("evaluation"),
         ),
         Step(
             "evaluation: public model",
-            ["run", "evaluating", "--config_file", "configs/evaluate.yaml", "--synthetic_dir", "outputs/demo_public"]
+            [
+                "run",
+                "evaluating",
+                "--config_file",
+                "['configs/common.yaml','configs/evaluate.yaml']",
+                "--synthetic_dir",
+                "outputs/demo_public",
+            ]
             + ["--model_path", "models/diffusion.pt", "--audit_privacy", "False", "--output_dir", "eval/public"],
             ("synthesis: public model", "segmenter"),
             log=log("public_evaluation"),

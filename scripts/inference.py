@@ -1,7 +1,8 @@
 """Synthesis: attribute-conditioned volumes from the DP fine-tuned model (``configs/inference.yaml``).
 
-    python -m monai.bundle run inference --config_file configs/inference.yaml --attributes_csv FILE --output_dir DIR
-    python -m monai.bundle run sweep --config_file configs/inference.yaml --attribute LVEDV
+    python -m monai.bundle run inference --config_file "['configs/common.yaml','configs/inference.yaml']" \
+        --attributes_csv FILE --output_dir DIR
+    python -m monai.bundle run sweep --config_file "['configs/common.yaml','configs/inference.yaml']" --attribute LVEDV
 
 The request CSV has one row per request: any subset of the 14 attribute columns (blank cell =
 missing, masked as in training) plus optional ``count`` (samples for the row, default 1) and
@@ -52,8 +53,10 @@ MANIFEST = "manifest.csv"
 PREVIEW = "preview.png"
 SAMPLE_PATTERN = re.compile(r"^row\d+_sample\d+\.(nii\.gz|json)$")
 MAX_SEED = 2**63 - 1
-DP_STAGE = "python -m monai.bundle run training --config_file configs/dp_finetune.yaml"
-AUTOENCODER_STAGE = "python -m monai.bundle run training --config_file configs/train_autoencoder.yaml"
+DP_STAGE = "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/dp_finetune.yaml']\""
+AUTOENCODER_STAGE = (
+    "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/train_autoencoder.yaml']\""
+)
 ATTRIBUTES_NOTE = (
     "Conditioning attributes are the user's input. If they were copied from private records, releasing them "
     "(e.g. in this sidecar) is a separate release that the model's differential-privacy guarantee does not cover."

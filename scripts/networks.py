@@ -22,8 +22,12 @@ from torch import nn
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.errors import CheckpointError, ConfigError, MissingInputError
 
-AUTOENCODER_STAGE = "python -m monai.bundle run training --config_file configs/train_autoencoder.yaml"
-DIFFUSION_STAGE = "python -m monai.bundle run training --config_file configs/train_diffusion.yaml"
+AUTOENCODER_STAGE = (
+    "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/train_autoencoder.yaml']\""
+)
+DIFFUSION_STAGE = (
+    "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/train_diffusion.yaml']\""
+)
 WEIGHTS = ("ema", "network")
 
 

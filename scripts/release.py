@@ -51,9 +51,13 @@ SKIP_SUFFIXES = (".pyc", ".pyo")
 ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed timestamps: the same bundle gives the same archive bytes
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 VERSION_PATTERN = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_+-]*(\.[0-9A-Za-z_+-]+)*$")
-AUTOENCODER_STAGE = "python -m monai.bundle run training --config_file configs/train_autoencoder.yaml"
-DIFFUSION_STAGE = "python -m monai.bundle run training --config_file configs/train_diffusion.yaml"
-DP_STAGE = "python -m monai.bundle run training --config_file configs/dp_finetune.yaml"
+AUTOENCODER_STAGE = (
+    "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/train_autoencoder.yaml']\""
+)
+DIFFUSION_STAGE = (
+    "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/train_diffusion.yaml']\""
+)
+DP_STAGE = "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/dp_finetune.yaml']\""
 # resume-only content of a stage checkpoint, dropped from the public weights by --strip_training_state
 TRAINING_STATE_KEYS = ("optimizer", "lr_scheduler", "rng", "trainer", "loss")
 # model.pt and autoencoder.pt keep their bytes: the privacy report names both SHA-256 (its epsilon covers images

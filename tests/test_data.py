@@ -221,7 +221,7 @@ def test_bundle_run_exits_nonzero_naming_file(tmp_path, cohorts, bundle):
         "run",
         "training",
         "--config_file",
-        "['configs/train_autoencoder.yaml','configs/small_autoencoder.yaml']",
+        "['configs/common.yaml','configs/train_autoencoder.yaml','configs/small_autoencoder.yaml']",
         "--dataset_dir",
         str(cohort),
         "--bundle_root",

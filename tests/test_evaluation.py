@@ -25,7 +25,7 @@ from scripts.evaluation.volumes import load_real, load_synthetic, to_network_lay
 from helpers import stage_checkpoint_info, tiny_stage_networks, tiny_unet
 
 SCHEDULE = {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1.0e-4, "beta_end": 7.0e-2}
-SEG = "['configs/train_segmenter.yaml','configs/small_segmenter.yaml']"
+SEG = "['configs/common.yaml','configs/train_segmenter.yaml','configs/small_segmenter.yaml']"
 TINY_SIZE = [8, 48, 48]  # helpers.tiny_stage_networks' image size
 
 
@@ -278,7 +278,7 @@ def test_evaluation_stage_end_to_end(trained_segmenter, synthetic_runs, cohorts,
         "run",
         "evaluating",
         "--config_file",
-        "configs/evaluate.yaml",
+        "['configs/common.yaml','configs/evaluate.yaml']",
         "--bundle_root",
         str(tiny_root),
         "--synthetic_dir",
@@ -478,7 +478,8 @@ def test_bundle_run_with_bad_input_exits_non_zero(tmp_path, bundle):
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = bundle(
-        "run", "evaluating", "--config_file", "configs/evaluate.yaml", "--bundle_root", str(tmp_path),
+        "run", "evaluating", "--config_file", "['configs/common.yaml','configs/evaluate.yaml']",
+        "--bundle_root", str(tmp_path),
         "--synthetic_dir", str(empty),
     )  # fmt: skip
     assert proc.returncode != 0

@@ -30,7 +30,7 @@ from scripts.tracking import TrackingServerError, check_tracking_uri
 
 from conftest import ROOT, TINY, run_bundle, train_diffusion
 
-DP = "['configs/dp_finetune.yaml','configs/small_dp_finetune.yaml']"
+DP = "['configs/common.yaml','configs/dp_finetune.yaml','configs/small_dp_finetune.yaml']"
 DP_TINY = [*TINY, "--logical_batch_size", "2", "--max_physical_batch_size", "2"]
 SERVER_START_TIMEOUT = 180.0  # seconds; the server imports a lot (about 25 s on 2 busy cores)
 # MLflow's client retries an unreachable server for minutes by default: keep failures fast here

@@ -390,7 +390,7 @@ def test_bundle_phantom_with_bad_argument_keeps_data(tmp_path, bundle):
     proc = bundle(
         "run",
         "--config_file",
-        "configs/phantom.yaml",
+        "['configs/common.yaml','configs/phantom.yaml']",
         "--public_dir",
         str(public),
         "--private_dir",

@@ -11,6 +11,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import shutil
 import threading
 import warnings
@@ -184,7 +185,7 @@ def test_bad_input_is_refused_and_leaves_nothing(weights, tmp_path):
     out = tmp_path / "dist"
     _fails(
         r"--autoencoder: .*missing\.pt not found; it is produced by: python -m monai.bundle run training "
-        r"--config_file configs/train_autoencoder.yaml",
+        + re.escape("--config_file \"['configs/common.yaml','configs/train_autoencoder.yaml']\""),
         weights,
         out,
         autoencoder=tmp_path / "missing.pt",
@@ -337,7 +338,7 @@ def test_download_round_trip_and_model_zoo_checks(weights, file_server, bundle, 
         "run",
         "inference",
         "--config_file",
-        "configs/inference.yaml",
+        "['configs/common.yaml','configs/inference.yaml']",
         "--bundle_root",
         str(root),
         "--attributes_csv",

@@ -1,6 +1,7 @@
 """The evaluation stage: every metric of ``configs/evaluate.yaml`` in one call, :func:`evaluate`.
 
-    python -m monai.bundle run evaluating --config_file configs/evaluate.yaml --synthetic_dir DIR
+    python -m monai.bundle run evaluating --config_file "['configs/common.yaml','configs/evaluate.yaml']" \\
+        --synthetic_dir DIR
 
 From Python::
 
@@ -303,7 +304,9 @@ def evaluate(
     if audit_privacy and not os.path.isfile(model_path):
         raise MissingInputError(
             f"--model_path {model_path}: model weights not found (the privacy audit scores this model; it is written "
-            "by python -m monai.bundle run training --config_file configs/dp_finetune.yaml); pass the model file, "
+            "by python -m monai.bundle run training "
+            "--config_file \"['configs/common.yaml','configs/dp_finetune.yaml']\"); "
+            "pass the model file, "
             "or --audit_privacy False to skip the audit"
         )
     if sweep_dir:
