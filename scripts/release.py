@@ -242,7 +242,9 @@ def check_weights(autoencoder: Path, diffusion: Path, model: Path | None, report
             raise ReleaseError(
                 f"--report {report} given without --model: pass the DP fine-tuned model the report is about"
             )
-        return assets
+        # a public-only release: the public diffusion model is also the bundle's models/model.pt (the file the
+        # Model Zoo's checks and configs/inference.yaml expect); trained on public data only, it needs no DP guarantee
+        return [*assets, _asset(diffusion, "model.pt")]
     if report is None or not report.is_file():
         raise ReleaseError(
             f"--model {model}: its privacy report {report or '<none>'} was not found; a DP fine-tuned model is only "
@@ -324,7 +326,12 @@ def large_files_yaml(assets: Sequence[Asset], base_url: str) -> str:
         "# Published weights of this release, fetched into models/ by\n"
         "#   python -m monai.bundle download_large_files --bundle_path <bundle folder>\n"
         "# Each file is checked against its hash. autoencoder.pt and diffusion.pt were trained on PUBLIC data only;\n"
-        "# model.pt (if listed) is DP fine-tuned, with the guarantee stated in models/privacy_report.json.\n"
+        + (
+            "# model.pt is DP fine-tuned, with the guarantee stated in models/privacy_report.json.\n"
+            if any(a.file_name == "privacy_report.json" for a in assets)
+            else "# model.pt is the public diffusion model (public data only: no differential-privacy guarantee is\n"
+            "# needed or given; no private data was used).\n"
+        )
     )
     return header + yaml.safe_dump({"large_files": entries}, sort_keys=False)
 
@@ -444,10 +451,12 @@ def release(
                     f"would change under that release. Use a new --out folder for each release"
                 )
         members = write_archive(staging / archive_name, root, name, large_files_yaml(assets, url))
-        # rename into place: the published files first, the archive (which names them) last
-        for file_name in [a.file_name for a in assets] + [archive_name]:
+        # the archive's own hash (monai.bundle download checks none): `sha256sum -c <archive>.sha256`
+        (staging / f"{archive_name}.sha256").write_text(f"{sha256(staging / archive_name)}  {archive_name}\n")
+        # rename into place: the published files first, the archive (which names them) and its hash last
+        for file_name in [a.file_name for a in assets] + [archive_name, f"{archive_name}.sha256"]:
             target = out_dir / file_name
-            if target.exists() and file_name != archive_name:
+            if target.exists() and file_name not in (archive_name, f"{archive_name}.sha256"):
                 continue  # the identical file, already published
             os.replace(staging / file_name, target)
             moved.append(target)
@@ -459,7 +468,7 @@ def release(
             out_dir.rmdir()
         raise
     shutil.rmtree(staging, ignore_errors=True)
-    files = [out_dir / archive_name] + [out_dir / a.file_name for a in assets]
+    files = [out_dir / archive_name, out_dir / f"{archive_name}.sha256"] + [out_dir / a.file_name for a in assets]
     return {
         "name": name,
         "version": version,

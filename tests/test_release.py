@@ -92,7 +92,7 @@ def test_release_layout_and_large_files(weights, tmp_path):
     summary = _release(weights, tmp_path / "dist", model=weights / "model.pt", report=weights / "privacy_report.json")
     dist = tmp_path / "dist"
     assert sorted(os.listdir(dist)) == sorted(
-        [ARCHIVE, "autoencoder.pt", "diffusion.pt", "model.pt", "privacy_report.json"]
+        [ARCHIVE, f"{ARCHIVE}.sha256", "autoencoder.pt", "diffusion.pt", "model.pt", "privacy_report.json"]
     )
     for f in ("autoencoder.pt", "diffusion.pt", "model.pt", "privacy_report.json"):
         assert (dist / f).read_bytes() == (weights / f).read_bytes()
@@ -139,11 +139,19 @@ def test_release_layout_and_large_files(weights, tmp_path):
 
 
 def test_public_weights_only_by_default(weights, tmp_path):
+    # without --model the public diffusion model is also models/model.pt (the Model Zoo checks require it)
     _release(weights, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == sorted([ARCHIVE, "autoencoder.pt", "diffusion.pt"])
+    files = [ARCHIVE, f"{ARCHIVE}.sha256", "autoencoder.pt", "diffusion.pt", "model.pt"]
+    assert sorted(os.listdir(tmp_path)) == sorted(files)
+    assert (tmp_path / "model.pt").read_bytes() == (weights / "diffusion.pt").read_bytes()
     with zipfile.ZipFile(tmp_path / ARCHIVE) as archive:
-        listing = yaml.safe_load(archive.read(f"{NAME}/large_files.yml"))
-    assert [e["path"] for e in listing["large_files"]] == ["models/autoencoder.pt", "models/diffusion.pt"]
+        text = archive.read(f"{NAME}/large_files.yml").decode()
+    listing = yaml.safe_load(text)
+    paths = ["models/autoencoder.pt", "models/diffusion.pt", "models/model.pt"]
+    assert [e["path"] for e in listing["large_files"]] == paths
+    assert "public data only: no differential-privacy guarantee is" in text and "privacy_report" not in text
+    # the archive's hash beside it, in sha256sum's format
+    assert (tmp_path / f"{ARCHIVE}.sha256").read_text() == f"{sha256(tmp_path / ARCHIVE)}  {ARCHIVE}\n"
 
 
 def test_strip_training_state_publishes_weights_only(weights, tmp_path):
