@@ -238,7 +238,7 @@ def _run_child(step: Step) -> None:
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
+    except (Exception, KeyboardInterrupt):  # every failure of the step is reported by the excepthook
         sys.excepthook(*sys.exc_info())
     finally:
         atexit._run_exitfuncs()  # what a normal end of the process runs (logging, MLflow)

@@ -130,7 +130,7 @@ def import_autoencoder(
     net = SliceAutoencoder(**kwargs)
     remaining, unfilled = _load_old(net.autoencoder, old, path)
     dropped_proj = [k for k in old if k.endswith(("proj_attn.weight", "proj_attn.bias"))]
-    report.not_carried = {k: "not applied by Generative 0.2.3 (include_fc=False)" for k in dropped_proj}
+    report.not_carried = dict.fromkeys(dropped_proj, "not applied by Generative 0.2.3 (include_fc=False)")
     report.not_carried.update(
         {k: "no counterpart in the configured network" for k in remaining if k not in dropped_proj}
     )

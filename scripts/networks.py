@@ -22,6 +22,8 @@ from torch import nn
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.errors import CheckpointError, ConfigError, MissingInputError
 
+# default attribute count (a module constant: argument defaults are evaluated once, at definition)
+NUM_ATTRIBUTES = len(ATTRIBUTE_NAMES)
 AUTOENCODER_STAGE = (
     "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/train_autoencoder.yaml']\""
 )
@@ -112,7 +114,7 @@ class AttributeEncoder(nn.Module):
 
     def __init__(
         self,
-        num_attributes: int = len(ATTRIBUTE_NAMES),
+        num_attributes: int = NUM_ATTRIBUTES,
         dim: int = 64,
         num_heads: int = 4,
         global_dim: int | None = None,
@@ -188,7 +190,7 @@ class ConditionalDiffusionUNet(nn.Module):
         self,
         attribute_dim: int = 64,
         attribute_heads: int = 4,
-        num_attributes: int = len(ATTRIBUTE_NAMES),
+        num_attributes: int = NUM_ATTRIBUTES,
         global_conditioning: bool = False,
         **unet_kwargs,
     ) -> None:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Self
 
 import numpy as np
 import torch
@@ -119,7 +118,7 @@ class EvaluationCounter:
         """Detach the hook."""
         self._handle.remove()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> EvaluationCounter:
         return self
 
     def __exit__(self, *exc) -> None:

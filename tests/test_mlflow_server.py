@@ -300,7 +300,7 @@ def test_check_tracking_uri_refuses_unanswering_and_failing_servers():
         check_tracking_uri(uri, timeout=5)
 
     class Failing(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
+        def do_GET(self) -> None:  # noqa: N802 (http.server's method name)
             self.send_response(503)
             self.end_headers()
 
