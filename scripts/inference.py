@@ -57,6 +57,11 @@ DP_STAGE = "python -m monai.bundle run training --config_file \"['configs/common
 AUTOENCODER_STAGE = (
     "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/train_autoencoder.yaml']\""
 )
+# a model and autoencoder that never saw private data (the public pre-training stages): no DP guarantee applies
+PUBLIC_NOTE = (
+    "public data only: the model and its autoencoder were trained on public data, no private data was used; "
+    "no differential-privacy guarantee is needed or given"
+)
 ATTRIBUTES_NOTE = (
     "Conditioning attributes are the user's input. If they were copied from private records, releasing them "
     "(e.g. in this sidecar) is a separate release that the model's differential-privacy guarantee does not cover."
@@ -368,8 +373,13 @@ def make_provenance(
     model_version: str | None,
     weights: str,
     synthesizer: Synthesizer,
+    model_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What every sidecar records about how its image was made.
+
+    ``model_info`` (the checkpoint's entries besides the weights) tells a public model (no privacy
+    ledger, not fine-tuned from another model, decoded by a public autoencoder) from a DP one: its
+    sidecars say ``privacy_note`` (:data:`PUBLIC_NOTE`) instead of a missing guarantee.
 
     Returns:
         sampler, steps, guidance scale, weights, model file + SHA-256, bundle version,
@@ -389,7 +399,16 @@ def make_provenance(
         "autoencoder": autoencoder_path,
         "autoencoder_sha256": sha256(autoencoder_path),
     }
-    info.update(privacy_info(report_path, model_sha, info["autoencoder_sha256"]))
+    public = (
+        model_info is not None
+        and not model_info.get("privacy_ledger")
+        and "pretrained" not in model_info
+        and not getattr(synthesizer.autoencoder, "privacy_ledger", None)
+    )
+    if public:
+        info.update({"privacy": None, "privacy_note": PUBLIC_NOTE})
+    else:
+        info.update(privacy_info(report_path, model_sha, info["autoencoder_sha256"]))
     info["attributes_note"] = ATTRIBUTES_NOTE
     return info
 
@@ -630,8 +649,10 @@ def run_inference(
         f"{len(samples)} sample(s) from {len(requests)} request(s): {synthesizer.sampler} {synthesizer.steps} steps, "
         f"guidance {synthesizer.guidance_scale or 'off'}, batch {batch_size}, device {synthesizer.device}"
     )
-    if provenance.get("privacy") is None:
-        logger.warning(provenance.get("privacy_warning"))
+    if provenance.get("privacy_warning"):
+        logger.warning(provenance["privacy_warning"])
+    elif provenance.get("privacy_note"):
+        logger.info(provenance["privacy_note"])
     manifest, preview = [], []
     evaluations = 0
     bar = tqdm(total=len(samples), unit="volume", desc="synthesis", disable=not progress)

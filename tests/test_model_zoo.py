@@ -13,6 +13,7 @@ config that named another file that way would fail here.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,6 +83,13 @@ def test_zoo_unit_test_pattern(cohorts, tmp_path, elsewhere):
     _workflow("infer", ("inference",), root, attributes_csv=str(requests), output_dir=str(out), progress=False)
     volumes = sorted(out.glob("*.nii.gz"))
     assert len(volumes) == 1 and not list(elsewhere.iterdir())  # nothing written to the working directory
+    assert json.loads((out / "row0000_sample000.json").read_text())["privacy"]["epsilon"] > 0  # the DP model
+    # the public model (what a public-only release ships as models/model.pt): its sidecars say so plainly
+    public_out = tmp_path / "synthetic_public"
+    public = {"model_path": str(root / "models" / "diffusion.pt"), "output_dir": str(public_out)}
+    _workflow("infer", ("inference",), root, attributes_csv=str(requests), progress=False, **public)
+    side = json.loads((public_out / "row0000_sample000.json").read_text())
+    assert side["privacy"] is None and "public data only" in side["privacy_note"] and "privacy_warning" not in side
 
 
 def test_cli_from_another_directory_answers_run(cohorts, tmp_path, elsewhere):
