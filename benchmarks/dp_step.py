@@ -246,7 +246,6 @@ def build_step(
 def run_mode(args: argparse.Namespace) -> dict:
     """Worker: build, warm up, time one mode; return the measurements."""
     from monai.networks.schedulers import DDPMScheduler
-
     from scripts.networks import ConditionalDiffusionUNet
 
     mode = args.worker
@@ -287,11 +286,10 @@ def run_mode(args: argparse.Namespace) -> dict:
         cpu_times.append(time.process_time() - c0)
         loads.append(os.getloadavg()[0])
     peak = peak_memory_mb(device)
+    cpu = f"cpu ({torch.get_num_threads()} threads)"
     return {
         "mode": mode,
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "trainable_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
         "n": len(times),

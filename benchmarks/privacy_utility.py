@@ -117,7 +117,6 @@ def scratch_checkpoint(pretrained: Path, out: Path, seed: int = 0) -> None:
         seed: seed of the initialisation.
     """
     import torch
-
     from scripts.handlers import atomic_torch_save
     from scripts.networks import ConditionalDiffusionUNet
 

@@ -34,7 +34,6 @@ from monai.transforms import (
     Transposed,
 )
 from monai.utils import look_up_option
-
 from scripts.attributes import ATTRIBUTE_LIMITS, ATTRIBUTE_NAMES, ATTRIBUTE_UNITS, BINARY_ATTRIBUTES
 from scripts.errors import DataError
 

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 import torch
 from monai.bundle import ConfigParser
-
 from scripts.errors import CheckpointError, ConfigError, MissingInputError
 from scripts.files import atomic_path
 from scripts.networks import ConditionalDiffusionUNet, SliceAutoencoder, load_autoencoder

@@ -37,13 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 from monai.networks.schedulers import DDPMScheduler, Scheduler
-from torch import nn
-
 from scripts.attributes import ATTRIBUTE_NAMES, BINARY_ATTRIBUTES
 from scripts.data import EncodeAttributesd, check_attribute, parse_value
 from scripts.errors import ConfigError, DataError, MissingInputError, OutputExistsError, check_options
 from scripts.files import remove_stale_temp, write_nifti, write_text_atomic
 from scripts.sampling import EvaluationCounter, decode_latents, sample_latents
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -637,9 +636,8 @@ def run_inference(
     Returns:
         a summary: output_dir, samples, manifest, preview, unet_evaluations_per_volume.
     """
-    from tqdm import tqdm
-
     from scripts.visualize import save_montage
+    from tqdm import tqdm
 
     check_options(seed=seed, batch_size=batch_size, preview_count=preview_count)
     samples = plan_samples(requests, seed)
@@ -811,9 +809,8 @@ def run_sweep(
     Returns:
         the PNG path.
     """
-    from tqdm import tqdm
-
     from scripts.visualize import save_sweep_grid
+    from tqdm import tqdm
 
     check_options(seed=seed, batch_size=batch_size)
     sweep = sweep_values(attribute, values, count, ranges, plausible, clip_out_of_range)

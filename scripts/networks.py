@@ -17,10 +17,9 @@ from collections.abc import Sequence
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.utils import look_up_option
-from torch import nn
-
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.errors import CheckpointError, ConfigError, MissingInputError
+from torch import nn
 
 # default attribute count (a module constant: argument defaults are evaluated once, at definition)
 NUM_ATTRIBUTES = len(ATTRIBUTE_NAMES)
@@ -113,11 +112,7 @@ class AttributeEncoder(nn.Module):
     """
 
     def __init__(
-        self,
-        num_attributes: int = NUM_ATTRIBUTES,
-        dim: int = 64,
-        num_heads: int = 4,
-        global_dim: int | None = None,
+        self, num_attributes: int = NUM_ATTRIBUTES, dim: int = 64, num_heads: int = 4, global_dim: int | None = None
     ) -> None:
         super().__init__()
         if dim % num_heads:

@@ -59,7 +59,6 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.errors import ConfigError
 from scripts.files import nifti_gz_bytes, remove_stale_temp, temp_name, write_bytes_atomic
@@ -813,17 +812,13 @@ def synthesize_subject(seed: int, domain: str, index: int, image_size: Sequence[
         BMI=nan if p.demographics_missing else p.bmi,
         ANGLE=p.angle,
     )
-    attributes = {
-        phase: {
-            name: float(common[name])
-            if name in common
-            else float(phase == "ED")
-            if name == "ESED"
-            else float(measured[phase]["DEPTH"])
-            for name in ATTRIBUTE_NAMES
-        }
-        for phase in PHASES
-    }
+
+    def value(phase: str, name: str) -> float:
+        if name in common:
+            return float(common[name])
+        return float(phase == "ED") if name == "ESED" else float(measured[phase]["DEPTH"])
+
+    attributes = {phase: {name: value(phase, name) for name in ATTRIBUTE_NAMES} for phase in PHASES}
     return {
         "params": p,
         "affine": _affine(p),

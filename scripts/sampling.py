@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
-from torch import nn
-
 from scripts.errors import ConfigError
+from torch import nn
 
 SAMPLERS = ("ddpm", "ddim")
 

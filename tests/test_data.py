@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.data import DataError, EncodeAttributesd, get_dataset, load_datalist, read_attributes_csv
 

@@ -12,12 +12,10 @@ import time
 import numpy as np
 import pytest
 import torch
-
-from scripts.files import sha256
-from scripts.privacy.accounting import compute_epsilon
-
 from conftest import ROOT, TINY, mlflow_runs
 from helpers import torchrun_training
+from scripts.files import sha256
+from scripts.privacy.accounting import compute_epsilon
 
 DP = "['configs/common.yaml','configs/dp_finetune.yaml','configs/small_dp_finetune.yaml']"
 # 6 private subjects -> 4 in the training split; logical batch 2 -> q = 0.5, 2 steps an epoch

@@ -16,13 +16,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
+from helpers import stage_checkpoint_info, tiny_stage_networks, tiny_unet
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.errors import DataError, MissingInputError
 from scripts.evaluation import audit, control, diversity, features, fidelity, segmenter
 from scripts.evaluation.volumes import load_real, load_synthetic, to_network_layout
-
-from helpers import stage_checkpoint_info, tiny_stage_networks, tiny_unet
 
 SCHEDULE = {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1.0e-4, "beta_end": 7.0e-2}
 SEG = "['configs/common.yaml','configs/train_segmenter.yaml','configs/small_segmenter.yaml']"

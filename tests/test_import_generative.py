@@ -11,14 +11,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import ROOT
 from generative.networks.nets import AutoencoderKL as GenerativeAutoencoder
 from generative.networks.nets import DiffusionModelUNet as GenerativeUNet
-
 from scripts.errors import CheckpointError
 from scripts.import_generative import import_autoencoder, import_diffusion, main
 from scripts.networks import SliceAutoencoder, load_autoencoder, load_diffusion
-
-from conftest import ROOT
 
 warnings.filterwarnings("ignore", module="generative")
 TOL = 1e-5

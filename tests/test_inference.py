@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
+from helpers import jittered, stage_checkpoint_info, tiny_stage_networks, write_privacy_report
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.data import DataError
 from scripts.inference import (
@@ -40,8 +40,6 @@ from scripts.inference import (
     sweep_values,
 )
 from scripts.sampling import build_scheduler
-
-from helpers import jittered, stage_checkpoint_info, tiny_stage_networks, write_privacy_report
 
 SCHEDULE = {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1.0e-4, "beta_end": 7.0e-2}
 STEPS = ["--num_inference_steps", "3"]

@@ -25,10 +25,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from scripts.tracking import TrackingServerError, check_tracking_uri
-
 from conftest import ROOT, TINY, run_bundle, train_diffusion
+from scripts.tracking import TrackingServerError, check_tracking_uri
 
 DP = "['configs/common.yaml','configs/dp_finetune.yaml','configs/small_dp_finetune.yaml']"
 DP_TINY = [*TINY, "--logical_batch_size", "2", "--max_physical_batch_size", "2"]

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
-
 from conftest import ROOT
+from monai.bundle import ConfigWorkflow
 
 CONFIGS = ROOT / "configs"
 TINY = {"spatial_size": [8, 48, 48], "num_workers": 0, "epochs": 1, "resume": False}

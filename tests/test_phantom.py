@@ -13,7 +13,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
-
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.phantom import (
     LABELS,

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from conftest import LATENT, LDM, TINY, mlflow_runs, train_autoencoder, train_diffusion
+from helpers import save_autoencoder, tiny_autoencoder, tiny_unet, torchrun_training
 from scripts.engines import LatentDiffusionPrepareBatch, make_condition
 from scripts.handlers import LatentScaleFactor
 from scripts.networks import ConditionalDiffusionUNet, load_autoencoder
-
-from conftest import LATENT, LDM, TINY, mlflow_runs, train_autoencoder, train_diffusion
-from helpers import save_autoencoder, tiny_autoencoder, tiny_unet, torchrun_training
 
 
 def test_autoencoder_checkpoint_and_scale_factor(pretrained, cohorts, attribute_ranges):
@@ -217,7 +215,6 @@ def test_patchgan_term_trains_the_discriminator_in_training_only():
 def test_patchgan_is_refused_under_torch_distributed(monkeypatch):
     """The discriminator steps outside DDP (its copies would drift apart): refused with more than one process."""
     from ignite import distributed as idist
-
     from scripts.losses import AutoencoderKLLoss
 
     monkeypatch.setattr(idist, "get_world_size", lambda: 2)

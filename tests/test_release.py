@@ -22,11 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from scripts.release import ReleaseError, main, release, sha256
-
 from conftest import ROOT
 from helpers import jittered, stage_checkpoint_info, tiny_stage_networks, write_privacy_report
+from scripts.release import ReleaseError, main, release, sha256
 
 SCHEDULE = {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1.0e-4, "beta_end": 7.0e-2}
 SCHEMA = ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
