@@ -27,25 +27,25 @@ ATTRIBUTE_NAMES: tuple[str, ...] = (
 #: attributes whose only values are 0 and 1 (or missing)
 BINARY_ATTRIBUTES: tuple[str, ...] = ("SEX", "ESED")
 
-_INF = float("inf")
-
 #: possible values (low, high), checked in training and synthesis alike (scripts.data.check_attribute);
-#: the reference ranges of configs/common.yaml are narrower and only normalise
+#: the reference ranges of configs/common.yaml are narrower and only normalise. The upper bounds
+#: are far beyond any human heart (the largest dilated ventricles hold about 500 ml) and catch
+#: unit and typing errors (1e6 ml, 1e30) that would otherwise train to non-finite weights.
 ATTRIBUTE_LIMITS: dict[str, tuple[float, float]] = {
-    "LVEDV": (0.0, _INF),
-    "LVESV": (0.0, _INF),
+    "LVEDV": (0.0, 1000.0),
+    "LVESV": (0.0, 1000.0),
     "LVEF": (0.0, 100.0),
-    "RVEDV": (0.0, _INF),
-    "RVESV": (0.0, _INF),
+    "RVEDV": (0.0, 1000.0),
+    "RVESV": (0.0, 1000.0),
     "RVEF": (0.0, 100.0),
-    "MYOESTHICK": (0.0, _INF),
-    "MYOEDTHICK": (0.0, _INF),
+    "MYOESTHICK": (0.0, 50.0),
+    "MYOEDTHICK": (0.0, 50.0),
     "AGE": (0.0, 150.0),
     "SEX": (0.0, 1.0),
-    "BMI": (0.0, _INF),
+    "BMI": (0.0, 100.0),
     "ESED": (0.0, 1.0),
     "ANGLE": (-180.0, 180.0),
-    "DEPTH": (0.0, _INF),
+    "DEPTH": (0.0, 100.0),
 }
 
 ATTRIBUTE_UNITS: dict[str, str] = {

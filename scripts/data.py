@@ -36,6 +36,7 @@ from monai.transforms import (
 from monai.utils import look_up_option
 from scripts.attributes import ATTRIBUTE_LIMITS, ATTRIBUTE_NAMES, ATTRIBUTE_UNITS, BINARY_ATTRIBUTES
 from scripts.errors import DataError
+from scripts.files import refuse_duplicate_columns
 
 __all__ = [
     "CSV_META_COLUMNS",
@@ -200,6 +201,7 @@ def read_attributes_csv(path: str, ranges: Mapping[str, Sequence[float]] | None 
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
+        refuse_duplicate_columns(path, header)
         if "id" not in header:
             raise DataError(f"{path}: missing column 'id' (header is {header})")
         missing = [n for n in ATTRIBUTE_NAMES if n not in header]
@@ -250,7 +252,12 @@ def load_datalist(
         has none) and ``attributes`` (float32 array, NaN = missing).
     """
     if not os.path.isfile(datalist):
-        raise DataError(f"{datalist}: datalist not found (expected a JSON file with a '{split}' list)")
+        raise DataError(
+            f"{datalist}: datalist not found (expected a JSON file with a '{split}' list). The demo's cohorts are "
+            "written by `python -m monai.bundle run --config_file \"['configs/common.yaml','configs/phantom.yaml']\"`; "
+            "give your own with "
+            "--dataset_dir DIR (a folder holding datalist.json) or --datalist FILE"
+        )
     try:
         with open(datalist) as f:
             content = json.load(f)
@@ -323,8 +330,12 @@ class LoadVolumed(MapTransform):
             ) from e
 
 
+# NIfTI-1 datatype codes of complex64, complex128 and complex256
+_NIFTI_COMPLEX_CODES = (32, 1792, 2048)
+
+
 class CheckVolumed(MapTransform):
-    """Reject volumes that are not single-channel 3D or that hold NaN/inf voxels.
+    """Reject volumes that are not single-channel 3D, complex, constant or that hold NaN/inf voxels.
 
     Runs right after loading, so the error names the file instead of failing later in a
     network with an unrelated shape error.
@@ -342,8 +353,20 @@ class CheckVolumed(MapTransform):
                     f"{name}: field '{key}': expected a 3D volume (X, Y, slices), "
                     f"got {len(shape)}D data of shape {shape}"
                 )
+            # MONAI's loader casts to float32 and drops the imaginary part with only a NumPy warning
+            if int(np.asarray(getattr(img, "meta", {}).get("datatype", 0))) in _NIFTI_COMPLEX_CODES:
+                raise DataError(
+                    f"{name}: field '{key}': complex-valued voxels (NIfTI datatype "
+                    f"{int(np.asarray(img.meta['datatype']))}); expected a real magnitude image"
+                )
             if not bool(torch.isfinite(torch.as_tensor(img)).all()):
                 raise DataError(f"{name}: field '{key}': volume contains NaN or inf voxels")
+            low, high = float(img.min()), float(img.max())
+            if low == high:
+                raise DataError(
+                    f"{name}: field '{key}': every voxel is {low:g}; expected an image with content "
+                    "(an empty or blank export?)"
+                )
         return d
 
 

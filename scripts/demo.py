@@ -122,6 +122,21 @@ def demo_steps(public_subjects: int = 40, private_subjects: int = 40, logs: str 
             ("latent diffusion",),
             log=log("dp_finetune"),
         ),
+        # the attribute table under the same ledger, then a cohort drawn from it (cohort_card.json: composed total)
+        Step(
+            "DP attributes",
+            ["run", "training", "--config_file", "['configs/common.yaml','configs/dp_attributes.yaml']"],
+            ("DP fine-tuning",),
+            log=log("dp_attributes"),
+        ),
+        Step(
+            "synthesis: DP cohort",
+            ["run", "inference", "--config_file", "['configs/common.yaml','configs/inference.yaml']"]
+            + ["--attributes_model", "models/attributes_dp.json", "--subjects", "2"]
+            + ["--output_dir", "outputs/demo_cohort", "--overwrite", "True", "--progress", "False"],
+            ("DP attributes",),
+            log=log("cohort_synthesis"),
+        ),
         Step(
             "segmenter",
             ["run", "training", "--config_file", SEGMENTER],

@@ -31,6 +31,7 @@ __all__ = [
     "DataError",
     "MissingInputError",
     "OutputExistsError",
+    "OutputWriteError",
     "check_options",
     "compact_report",
     "find_bundle_error",
@@ -58,6 +59,10 @@ class CheckpointError(BundleError, ValueError):
 
 class MissingInputError(BundleError, FileNotFoundError):
     """A required input file is missing: the message names it and the stage that writes it."""
+
+
+class OutputWriteError(BundleError, OSError):
+    """An output cannot be written (permissions, a full disk): the message names the path and what to do."""
 
 
 class OutputExistsError(BundleError, FileExistsError):
@@ -101,6 +106,8 @@ _FORMS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "integer >= 1": ("an integer >= 1", _at_least(_integer, 1)),
     "number > 0": ("a number > 0", _at_least(_number, 0.0, strict=True)),
     "number >= 0": ("a number >= 0", _at_least(_number, 0.0)),
+    # Fire reads only True/False as booleans: `--resume false` arrives as the (true) string 'false'
+    "boolean": ("True or False (capitalised)", lambda value: value if isinstance(value, bool) else None),
 }
 
 #: the expected form of the command-line options that the stages share
@@ -118,6 +125,14 @@ OPTION_FORMS: dict[str, str] = {
     "ema_momentum": "number > 0",
     "preview_count": "integer >= 0",
     "sweep_count": "integer >= 1",
+    "passes_per_epoch": "integer >= 1",
+    "noise_multiplicity": "integer >= 1",
+    "max_physical_batch_size": "integer >= 1",
+    "logical_batch_size": "integer >= 1",
+    "resume": "boolean",
+    "overwrite": "boolean",
+    "secure_mode": "boolean",
+    "clip_out_of_range": "boolean",
 }
 
 

@@ -19,6 +19,7 @@ the usual umask 022), not the 0600 of ``tempfile.mkstemp``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import os
@@ -27,8 +28,11 @@ import shutil
 from collections.abc import Iterable, Iterator
 
 import numpy as np
+from scripts.errors import DataError, OutputWriteError
 
 TEMP_SUFFIX = ".part"
+# below this much free space a RuntimeError of a writer (torch's iostream error) is taken for a full disk
+_FULL_DISK_BYTES = 16 * 2**20
 _GZIP_LEVEL = 6
 
 
@@ -53,21 +57,42 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         the temp path to write to. It is removed if the block raises.
     """
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    while True:
-        tmp = temp_name(path)
-        try:  # O_EXCL: never reuse another writer's temp file; mode 0o666 & ~umask like open(path, "w")
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:  # pragma: no cover - 32 random bits collided
-            continue
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        while True:
+            tmp = temp_name(path)
+            try:  # O_EXCL: never reuse another writer's temp file; mode 0o666 & ~umask like open(path, "w")
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                break
+            except FileExistsError:  # pragma: no cover - 32 random bits collided
+                continue
+    except OSError as err:
+        raise OutputWriteError(
+            f"{path}: cannot create a file in {folder} ({err.strerror or err}); choose a writable output folder "
+            "(--bundle_root / --output_dir) or fix its permissions"
+        ) from err
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if _out_of_space(err, folder):
+            free = shutil.disk_usage(folder).free
+            raise OutputWriteError(
+                f"{path}: the disk is full ({free / 2**20:.1f} MiB free in {folder} after {written / 2**20:.1f} MiB "
+                "of this file were written; the previous file, if any, is kept): free space or write elsewhere"
+            ) from err
         raise
+
+
+def _out_of_space(err: BaseException, folder: str) -> bool:
+    """Whether ``err`` is a failed write on a full disk (torch.save reports ENOSPC as a bare iostream error)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(err, RuntimeError) and shutil.disk_usage(folder).free < _FULL_DISK_BYTES
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -181,3 +206,15 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
         description: optional header ``descrip``.
     """
     write_bytes_atomic(path, nifti_gz_bytes(array, affine, description))
+
+
+def refuse_duplicate_columns(path: str | os.PathLike, header: Iterable[str]) -> None:
+    """Raise :class:`DataError` when a CSV header names a column twice.
+
+    ``csv.DictReader`` keeps the last of two equal column names without a word, so a table with
+    ``LVEDV`` twice would silently train on its second copy.
+    """
+    names = [str(h).strip() for h in header]
+    duplicated = sorted({h for h in names if names.count(h) > 1})
+    if duplicated:
+        raise DataError(f"{os.fspath(path)}, header: duplicated column(s) {duplicated}")

@@ -103,6 +103,22 @@ class RNGState:
         random.setstate(state["random"])
 
 
+def non_finite_tensors(state: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) checkpoint ``state`` that hold NaN or inf."""
+    if isinstance(state, torch.Tensor):
+        finite = not state.is_floating_point() or bool(torch.isfinite(state).all())
+        return [] if finite else [prefix or "tensor"]
+    if isinstance(state, Mapping):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return []
+    return [
+        name for key, value in items for name in non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    ]
+
+
 class AtomicCheckpoint:
     """Save objects every ``save_interval`` epochs to ``last_filename`` and at the end to ``final_filename``.
 
@@ -156,10 +172,20 @@ class AtomicCheckpoint:
         return out
 
     def save(self, engine: Engine, path: str) -> None:
-        """Write the checkpoint atomically to ``path`` (rank 0 only)."""
+        """Write the checkpoint atomically to ``path`` (rank 0 only); non-finite weights stop the stage instead."""
         if idist.get_rank() > 0:
             return
-        atomic_torch_save(self.state(), path)
+        state = self.state()
+        bad = non_finite_tensors(state)
+        if bad:
+            # a diverged run (e.g. an absurd attribute value) must not replace a good artefact
+            kept = "the previous file is kept" if os.path.isfile(path) else "nothing was written"
+            raise CheckpointError(
+                f"epoch {engine.state.epoch}: {len(bad)} tensor(s) of the checkpoint hold NaN or inf "
+                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): training diverged, so {path} is not "
+                f"written ({kept}). Check the input data and lower --lr"
+            )
+        atomic_torch_save(state, path)
         logger.info(f"epoch {engine.state.epoch}: saved checkpoint {path}")
 
 

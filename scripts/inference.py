@@ -40,7 +40,7 @@ from monai.networks.schedulers import DDPMScheduler, Scheduler
 from scripts.attributes import ATTRIBUTE_NAMES, BINARY_ATTRIBUTES
 from scripts.data import EncodeAttributesd, check_attribute, parse_value
 from scripts.errors import ConfigError, DataError, MissingInputError, OutputExistsError, check_options
-from scripts.files import remove_stale_temp, write_nifti, write_text_atomic
+from scripts.files import refuse_duplicate_columns, remove_stale_temp, write_nifti, write_text_atomic
 from scripts.sampling import EvaluationCounter, decode_latents, sample_latents
 from torch import nn
 
@@ -50,6 +50,7 @@ REQUEST_COLUMNS = ("count", "seed")
 CLIP_HINT = "pass --clip_out_of_range True to clip it"
 MANIFEST = "manifest.csv"
 PREVIEW = "preview.png"
+CARD_FILES = ("cohort_card.json", "cohort_card.md")  # scripts/attribute_model/card.py writes them after a run
 SAMPLE_PATTERN = re.compile(r"^row\d+_sample\d+\.(nii\.gz|json)$")
 MAX_SEED = 2**63 - 1
 DP_STAGE = "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/dp_finetune.yaml']\""
@@ -82,6 +83,7 @@ class Request:
         count: samples to generate for the row.
         seed: seed of the row's first sample, or None (derived from the run seed).
         clipped: ``{name: requested value}`` for values clipped to their reference range.
+        source: where the attribute values came from (a CSV line, a DP attribute model's subject).
     """
 
     row: int
@@ -90,6 +92,7 @@ class Request:
     count: int = 1
     seed: int | None = None
     clipped: dict[str, float] = field(default_factory=dict)
+    source: str | None = None
 
     def attributes(self) -> dict[str, float | None]:
         """``{name: value}`` in raw units, None for missing."""
@@ -155,9 +158,7 @@ def read_requests(
         unknown = [h for h in header if h not in ATTRIBUTE_NAMES and h not in REQUEST_COLUMNS]
         if unknown:
             raise DataError(f"{path}, header: unknown column(s) {unknown}; {expected}")
-        duplicated = sorted({h for h in header if header.count(h) > 1})
-        if duplicated:
-            raise DataError(f"{path}, header: duplicated column(s) {duplicated}")
+        refuse_duplicate_columns(path, header)
         requests = []
         for cells in reader:
             if not cells:  # blank line (a request with every attribute missing is a line of commas)
@@ -550,7 +551,7 @@ def previous_run_files(output_dir: str) -> list[str]:
     """Files of an earlier synthesis run in ``output_dir`` (manifest, preview, samples, sidecars)."""
     if not os.path.isdir(output_dir):
         return []
-    return sorted(n for n in os.listdir(output_dir) if n in (MANIFEST, PREVIEW) or SAMPLE_PATTERN.match(n))
+    return sorted(n for n in os.listdir(output_dir) if n in (MANIFEST, PREVIEW, *CARD_FILES) or SAMPLE_PATTERN.match(n))
 
 
 def check_output_dir(output_dir: str, overwrite: bool = False) -> list[str]:
@@ -593,7 +594,7 @@ def _fmt(value: float) -> str:
 
 def write_manifest(path: str, rows: Sequence[dict[str, Any]]) -> None:
     """Write the run manifest atomically: one row per sample."""
-    columns = ["file", "sidecar", "row", "sample", "seed", *ATTRIBUTE_NAMES, "clipped"]
+    columns = ["file", "sidecar", "row", "sample", "seed", *ATTRIBUTE_NAMES, "clipped", "source"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -671,6 +672,7 @@ def run_inference(
                 "attributes": attrs,
                 "missing": [n for n, v in attrs.items() if v is None],
                 "clipped": dict(spec.request.clipped),
+                "attributes_source": spec.request.source,
                 "shape": list(np.transpose(volume, (1, 2, 0)).shape),
                 "layout": "array axes (X, Y, slices); the networks see (slices, X, Y)",
                 "spacing_mm": [float(s) for s in spacing],
@@ -684,6 +686,7 @@ def run_inference(
             row = {"file": image, "sidecar": sidecar, "row": spec.request.row, "sample": spec.index, "seed": spec.seed}
             row.update({n: _fmt(v) for n, v in zip(ATTRIBUTE_NAMES, spec.request.values)})
             row["clipped"] = ";".join(f"{n}={v:g}" for n, v in spec.request.clipped.items())
+            row["source"] = spec.request.source or ""
             manifest.append(row)
             if len(preview) < preview_count:
                 preview.append((f"row {spec.request.row} #{spec.index} seed {spec.seed}", volume))

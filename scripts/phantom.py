@@ -52,6 +52,7 @@ import math
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1015,6 +1016,14 @@ def _render(spec: CohortSpec, staging: Path) -> tuple[dict[str, Any], list]:
 
     ids = [sid for sid, _, _ in results]
     splits = split_subjects(ids, spec.split_fractions, seed=seed * len(DOMAINS) + spec.domain_index)
+    empty = [name for name, fraction in zip(SPLITS, spec.split_fractions) if fraction > 0 and not splits[name]]
+    if empty:
+        warnings.warn(
+            f"{spec.domain} cohort ({out}): {subjects} subject(s) leave the {' and '.join(empty)} split(s) empty; "
+            "stages that validate or evaluate on them need at least 3 subjects",
+            UserWarning,
+            stacklevel=2,
+        )
     split_of = {sid: name for name in SPLITS for sid in splits[name]}
     rows, entries = [], {name: [] for name in SPLITS}
     for sid, _, attrs in results:
@@ -1216,8 +1225,10 @@ def main(
 
 if __name__ == "__main__":
     import fire
+    from scripts.overrides import check_function_options
 
     try:
+        check_function_options(main, sys.argv[1:], "python -m scripts.phantom")
         fire.Fire(main)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -7,7 +7,8 @@ writes into ``DIR``
 
 - ``<name>_v<version>.zip`` (name and version from ``configs/metadata.json``): one top-level folder
   ``<name>/`` with ``configs/``, ``scripts/``, ``docs/``, ``LICENSE``, ``README.md``,
-  ``large_files.yml`` and ``models/`` (its README only: no weights);
+  ``large_files.yml`` and ``models/`` (its README, the cohort card ``cohort_card.{json,md}`` and, with
+  ``--attributes_model``, the DP attribute model: no weights);
 - the weight files beside it: the PUBLIC pre-trained ``autoencoder.pt`` and ``diffusion.pt`` and,
   when given, the DP fine-tuned ``model.pt`` with its ``privacy_report.json``.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -42,6 +44,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from scripts.errors import BundleError
 
 HASH_TYPE = "sha256"
 # what the archive holds, relative to the bundle root (folders are copied recursively)
@@ -65,7 +69,7 @@ TRAINING_STATE_KEYS = ("optimizer", "lr_scheduler", "rng", "trainer", "loss")
 STRIPPABLE = ("diffusion.pt",)
 
 
-class ReleaseError(ValueError):
+class ReleaseError(BundleError, ValueError):
     """Bad release input; the message names the file or option and the expected form."""
 
 
@@ -199,7 +203,9 @@ def _check_scale_factor(option: str, path: Path, ckpt: dict[str, Any], autoencod
         )
 
 
-def check_weights(autoencoder: Path, diffusion: Path, model: Path | None, report: Path | None) -> list[Asset]:
+def check_weights(
+    autoencoder: Path, diffusion: Path, model: Path | None, report: Path | None, *, allow_non_private: bool = False
+) -> list[Asset]:
     """Check the weights to publish and return them as assets (autoencoder, diffusion[, model, report]).
 
     Args:
@@ -271,6 +277,13 @@ def check_weights(autoencoder: Path, diffusion: Path, model: Path | None, report
         )
     if info.get("status", "complete") != "complete":
         raise ReleaseError(f"--report: {report} has status {info.get('status')!r}; the DP fine-tuning did not complete")
+    epsilon = info.get("epsilon")  # JSON has no inf: a run without noise reports null
+    if (epsilon is None or not math.isfinite(float(epsilon))) and not allow_non_private:
+        raise ReleaseError(
+            f"--model: {model} was trained on the private data WITHOUT noise ({report}: epsilon "
+            f"{'inf' if epsilon is None else epsilon}, covers {info.get('covers', 'nothing')!r}): publishing it "
+            f"publishes the private data. Pass --allow_non_private only if that is intended (the archive then says so)"
+        )
     dp = _load(model, "--model", DP_STAGE)
     if "dp" not in dp:
         raise ReleaseError(
@@ -284,6 +297,12 @@ def check_weights(autoencoder: Path, diffusion: Path, model: Path | None, report
             f"fine-tuned over the public autoencoder can be published"
         )
     return [*assets, _asset(model, "model.pt", digest), _asset(report, "privacy_report.json")]
+
+
+def _report_epsilon(report: Path) -> float | None:
+    """The finite epsilon of a privacy report, or None (a run without noise)."""
+    epsilon = json.loads(report.read_text()).get("epsilon")
+    return None if epsilon is None or not math.isfinite(float(epsilon)) else float(epsilon)
 
 
 def _asset(source: Path, file_name: str, digest: str | None = None) -> Asset:
@@ -306,12 +325,13 @@ def write_weights_only(source: Path, target: Path) -> None:
     torch.save({k: v for k, v in ckpt.items() if k not in TRAINING_STATE_KEYS}, target)
 
 
-def large_files_yaml(assets: Sequence[Asset], base_url: str) -> str:
+def large_files_yaml(assets: Sequence[Asset], base_url: str, non_private: bool = False) -> str:
     """The ``large_files.yml`` of the archive: one entry per asset (path, url, hash_val, hash_type).
 
     Args:
         assets: the published files.
         base_url: where they are uploaded (no trailing slash).
+        non_private: ``model.pt`` was trained on private data without noise (``--allow_non_private``).
 
     Returns:
         the YAML text.
@@ -322,16 +342,23 @@ def large_files_yaml(assets: Sequence[Asset], base_url: str) -> str:
         {"path": a.path, "url": f"{base_url}/{a.file_name}", "hash_val": a.sha256, "hash_type": HASH_TYPE}
         for a in assets
     ]
+    if non_private:
+        model_note = (
+            "# model.pt was trained on PRIVATE data WITHOUT noise (--allow_non_private): it has NO differential\n"
+            "# privacy guarantee and may reveal its training records; see models/privacy_report.json.\n"
+        )
+    elif any(a.file_name == "privacy_report.json" for a in assets):
+        model_note = "# model.pt is DP fine-tuned, with the guarantee stated in models/privacy_report.json.\n"
+    else:  # a public-only release
+        model_note = (
+            "# model.pt is the public diffusion model (public data only: no differential-privacy guarantee is\n"
+            "# needed or given; no private data was used).\n"
+        )
     header = (
         "# Published weights of this release, fetched into models/ by\n"
         "#   python -m monai.bundle download_large_files --bundle_path <bundle folder>\n"
         "# Each file is checked against its hash. autoencoder.pt and diffusion.pt were trained on PUBLIC data only;\n"
-        + (
-            "# model.pt is DP fine-tuned, with the guarantee stated in models/privacy_report.json.\n"
-            if any(a.file_name == "privacy_report.json" for a in assets)
-            else "# model.pt is the public diffusion model (public data only: no differential-privacy guarantee is\n"
-            "# needed or given; no private data was used).\n"
-        )
+        + model_note
     )
     return header + yaml.safe_dump({"large_files": entries}, sort_keys=False)
 
@@ -355,7 +382,9 @@ def _archive_files(bundle_root: Path) -> Iterator[tuple[Path, str]]:
             raise ReleaseError(f"{source} not found: a bundle needs configs/ and LICENSE (pass --bundle_root DIR)")
 
 
-def write_archive(path: Path, bundle_root: Path, name: str, large_files: str) -> list[str]:
+def write_archive(
+    path: Path, bundle_root: Path, name: str, large_files: str, extra: Sequence[tuple[bytes, str]] = ()
+) -> list[str]:
     """Write the bundle archive: every file under the top-level folder ``name/``.
 
     Args:
@@ -363,6 +392,7 @@ def write_archive(path: Path, bundle_root: Path, name: str, large_files: str) ->
         bundle_root: the bundle root to take the files from.
         name: the top-level folder.
         large_files: text of the archive's ``large_files.yml``.
+        extra: more ``(bytes, path)`` members (the cohort card).
 
     Returns:
         the archive's member names.
@@ -371,6 +401,7 @@ def write_archive(path: Path, bundle_root: Path, name: str, large_files: str) ->
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         entries = [(source.read_bytes(), rel) for source, rel in _archive_files(bundle_root)]
         entries.append((large_files.encode(), "large_files.yml"))
+        entries += list(extra)
         for data, rel in sorted(entries, key=lambda e: e[1]):
             info = zipfile.ZipInfo(f"{name}/{rel}", date_time=ZIP_DATE)
             info.compress_type = zipfile.ZIP_DEFLATED
@@ -378,6 +409,25 @@ def write_archive(path: Path, bundle_root: Path, name: str, large_files: str) ->
             archive.writestr(info, data)
             members.append(info.filename)
     return members
+
+
+def cohort_card(
+    model: Path | None, autoencoder: Path, report: Path | None, attributes_model: Any, version: str
+) -> list[tuple[bytes, str]]:
+    """The archive's cohort card (scripts/attribute_model/card.py), and the attribute model when given."""
+    from scripts.attribute_model.card import release_entries
+    from scripts.errors import BundleError
+
+    try:
+        return release_entries(
+            model=str(model) if model else None,
+            autoencoder=str(autoencoder),
+            report=str(report) if report else None,
+            attributes_model=str(attributes_model) if attributes_model else None,
+            bundle_version=version,
+        )
+    except BundleError as err:
+        raise ReleaseError(f"--attributes_model: {err}") from None
 
 
 def release(
@@ -390,6 +440,9 @@ def release(
     report: str | os.PathLike | None = None,
     name: str | None = None,
     strip_training_state: bool = False,
+    attributes_model: str | os.PathLike | None = None,
+    *,
+    allow_non_private: bool = False,
 ) -> dict[str, Any]:
     """Build the release in ``out`` (see the module docstring).
 
@@ -405,6 +458,10 @@ def release(
         strip_training_state: publish ``diffusion.pt`` without its resume-only state (optimizer, LR
             scheduler, RNG, trainer): about half the size. ``model.pt`` and ``autoencoder.pt`` are always
             published byte for byte (the privacy report names their SHA-256).
+        attributes_model: the DP attribute model (``models/attributes_dp.json``), put into the archive; the
+            archive's ``models/cohort_card.{json,md}`` states the composed total of everything released.
+        allow_non_private: publish a ``model`` whose report has no finite epsilon (trained on the
+            private data without noise); refused otherwise. ``large_files.yml`` then says so.
 
     Returns:
         a summary: name, version, archive, and every written file with its size and SHA-256.
@@ -428,7 +485,9 @@ def release(
             f"--out: {out_dir / archive_name} exists: version {version} is already released in {out_dir}; bump "
             f"'version' (with a 'changelog' entry) in configs/metadata.json or choose another --out"
         )
-    assets = check_weights(ae_path, ldm_path, model_path, report_path)
+    assets = check_weights(ae_path, ldm_path, model_path, report_path, allow_non_private=allow_non_private)
+    non_private = allow_non_private and model_path is not None and _report_epsilon(report_path) is None
+    card = cohort_card(model_path, ae_path, report_path, attributes_model, version)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".release_tmp_", dir=out_dir))
@@ -450,7 +509,7 @@ def release(
                     f"--out: {target} exists with other content (published by another release?); its URL and hash "
                     f"would change under that release. Use a new --out folder for each release"
                 )
-        members = write_archive(staging / archive_name, root, name, large_files_yaml(assets, url))
+        members = write_archive(staging / archive_name, root, name, large_files_yaml(assets, url, non_private), card)
         # the archive's own hash (monai.bundle download checks none): `sha256sum -c <archive>.sha256`
         (staging / f"{archive_name}.sha256").write_text(f"{sha256(staging / archive_name)}  {archive_name}\n")
         # rename into place: the published files first, the archive (which names them) and its hash last
@@ -468,7 +527,7 @@ def release(
             out_dir.rmdir()
         raise
     shutil.rmtree(staging, ignore_errors=True)
-    files = [out_dir / archive_name, out_dir / f"{archive_name}.sha256"] + [out_dir / a.file_name for a in assets]
+    files = [out_dir / archive_name] + [out_dir / a.file_name for a in assets] + [out_dir / f"{archive_name}.sha256"]
     return {
         "name": name,
         "version": version,
@@ -516,6 +575,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="publish diffusion.pt without its optimizer/RNG/trainer state (about half the size)",
     )
+    parser.add_argument(
+        "--allow_non_private",
+        action="store_true",
+        help="publish a --model trained on the private data WITHOUT noise (no DP guarantee; refused otherwise)",
+    )
+    parser.add_argument(
+        "--attributes_model",
+        default=None,
+        help="DP attribute model to put into the archive (models/attributes_dp.json)",
+    )
     args = parser.parse_args(argv)
     try:
         summary = release(
@@ -528,6 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.report,
             args.name,
             args.strip_training_state,
+            args.attributes_model,
+            allow_non_private=args.allow_non_private,
         )
     except ReleaseError as e:
         print(f"error: {e}", file=sys.stderr)

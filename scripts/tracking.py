@@ -24,6 +24,8 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
+from scripts.errors import BundleError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0
@@ -31,7 +33,7 @@ HEALTH_ENDPOINT = "health"  # MLflow's tracking server answers GET /health with 
 OPTION = "--tracking_uri"
 
 
-class TrackingServerError(RuntimeError):
+class TrackingServerError(BundleError, RuntimeError):
     """An http(s) tracking URI that does not answer (or answers with a server error)."""
 
 

@@ -248,7 +248,7 @@ def test_truncated_nifti_names_the_file(tmp_path, cohorts, attribute_ranges):
     "column, value, message",
     [
         ("SEX", "7", "column 'SEX': expected 0 or 1"),
-        ("LVEDV", "-5000", "column 'LVEDV': -5000 is not a possible value; expected a number in [0, inf] (ml)"),
+        ("LVEDV", "-5000", "column 'LVEDV': -5000 is not a possible value; expected a number in [0, 1000] (ml)"),
         ("LVEF", "120", "column 'LVEF': 120 is not a possible value; expected a number in [0, 100] (%)"),
     ],
 )

@@ -300,7 +300,7 @@ def test_multi_process_dp_finetune_bundle(pretrained, cohorts, tmp_path):
     _copy_models(pretrained, tmp_path)
     config = str(
         ["configs/common.yaml", "configs/dp_finetune.yaml", "configs/small_dp_finetune.yaml"]
-        + ["configs/multi_gpu_dp_finetune.yaml"]
+        + ["configs/common.yaml", "configs/multi_gpu_dp_finetune.yaml"]
     )
     proc = torchrun_training(config, cohorts["private"], tmp_path, *DP_TINY, "--epochs", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -421,6 +421,8 @@ def test_bundle_inference_end_to_end(tiny_bundle, bundle, tmp_path, monkeypatch)
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = sorted(os.listdir(out))
     assert names == [
+        "cohort_card.json",
+        "cohort_card.md",
         "manifest.csv",
         "preview.png",
         "row0000_sample000.json",
@@ -493,3 +495,4 @@ def test_bundle_sweep_png(tiny_bundle, bundle, tmp_path, monkeypatch):
     meta = json.loads((tmp_path / "sweep_LVEDV.json").read_text())
     assert meta["values"] == [80.0, 190.0, 300.0] and meta["rows"] == ["ED", "ES"] and meta["seed"] == 0
     assert meta["base_attributes"]["LVESV"] == 60.0 and meta["privacy"]["epsilon"] == 7.9
+    assert json.loads((tmp_path / "cohort_card.json").read_text())["privacy"]["epsilon"] is not None

@@ -179,7 +179,7 @@ def test_multi_process_diffusion_with_gloo(pretrained, tmp_path, cohorts):
     shutil.copytree(pretrained / "models", tmp_path / "models", ignore=shutil.ignore_patterns("diffusion*"))
     config = str(
         ["configs/common.yaml", "configs/train_diffusion.yaml", "configs/small_diffusion.yaml"]
-        + ["configs/multi_gpu_train.yaml"]
+        + ["configs/common.yaml", "configs/multi_gpu_train.yaml"]
     )
     proc = torchrun_training(config, cohorts["public"], tmp_path, *TINY, *LATENT, "--epochs", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -111,7 +111,8 @@ def test_release_layout_and_large_files(weights, tmp_path):
         "models/README.md",
     ):
         assert f"{NAME}/{required}" in members, required
-    assert [m for m in members if m.startswith(f"{NAME}/models/")] == [f"{NAME}/models/README.md"]  # no weights
+    models = [f"{NAME}/models/{n}" for n in ("README.md", "cohort_card.json", "cohort_card.md")]
+    assert [m for m in members if m.startswith(f"{NAME}/models/")] == models  # no weights
     assert not [m for m in members if m.endswith((".pt", ".pyc")) or "__pycache__" in m]
     entries = {e["path"]: e for e in listing["large_files"]}
     assert set(entries) == {

@@ -25,6 +25,7 @@ from monai.transforms import ResizeWithPadOrCrop, ScaleIntensityRangePercentiles
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.data import load_datalist
 from scripts.errors import DataError
+from scripts.files import refuse_duplicate_columns
 
 MANIFEST = "manifest.csv"
 SPACING_RTOL = 1e-3  # sidecar spacing vs NIfTI header
@@ -156,6 +157,7 @@ def load_synthetic(directory: str, spatial_size: Sequence[int] | None = None) ->
         )
     with open(manifest, newline="") as f:
         reader = csv.DictReader(f)
+        refuse_duplicate_columns(manifest, reader.fieldnames or [])
         missing_cols = [c for c in ("file", "sidecar") if c not in (reader.fieldnames or [])]
         if missing_cols:
             raise DataError(f"{manifest}: missing column(s) {missing_cols} (header is {reader.fieldnames})")

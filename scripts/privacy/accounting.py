@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACCOUNTANTS",
     "MAX_NOISE_MULTIPLIER",
+    "MIN_NOISE_MULTIPLIER",
     "PRV_DELTA_ERROR_RATIO",
     "PRV_EPS_ERROR",
     "PRV_MAX_DOMAIN_SIZE",
@@ -76,6 +77,11 @@ __all__ = [
 ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
 #: Largest noise multiplier ``calibrate_noise`` will return; beyond it training is pointless.
 MAX_NOISE_MULTIPLIER: float = 1e3
+#: Smallest noise multiplier ``calibrate_noise`` searches: a target that this much noise already
+#: meets (epsilon in the hundreds at typical rates) gets it instead of an unbounded search
+#: through ever smaller sigmas, where each PRV evaluation takes seconds and the search never
+#: converges to an absolute tolerance (more noise than needed: the guarantee only gets tighter).
+MIN_NOISE_MULTIPLIER: float = 0.1
 #: Opacus's default PRV ``eps_error`` (absolute, in epsilon units; added to the estimate).
 PRV_EPS_ERROR: float = 0.01
 #: Opacus's default PRV ``delta_error`` is ``delta / 1000``.
@@ -372,6 +378,23 @@ def calibrate_noise(
 
     if tol >= target:
         raise ConfigError(f"epsilon_tolerance must be {tol_expected}, got {epsilon_tolerance!r}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # RDP first (milliseconds, an upper bound): the accountant's own estimate only when it may pass
+        floor = [(MIN_NOISE_MULTIPLIER, q, steps)]
+        eps_at_min = _rdp_epsilon(floor, delta)
+        if eps_at_min <= target and accountant != "rdp":
+            eps_at_min = _epsilon(floor, delta, accountant)
+    if eps_at_min <= target:
+        warnings.warn(
+            f"target_epsilon={target:g} is met by the smallest searched noise_multiplier="
+            f"{MIN_NOISE_MULTIPLIER:g} (epsilon={eps_at_min:.4g}): using it",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return MIN_NOISE_MULTIPLIER
+    # an absolute tolerance far below the target makes the bisection chase float precision
+    tol = max(tol, 1e-3 * target)
 
     from opacus.accountants.utils import get_noise_multiplier
 
