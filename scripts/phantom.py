@@ -6,9 +6,9 @@ surrounding tissue, dark lungs, partial-volume edges, a smooth bias field and Ri
 noise), a label map per phase (0 background, 1 LV blood pool, 2 LV myocardium, 3 RV blood
 pool) and the 14 conditioning attributes of ``scripts.attributes.ATTRIBUTE_NAMES``.
 
-The cardiac attributes are *measured* from the saved label maps (see
-:func:`measure_attributes` and :func:`phase_pair_attributes`); the shape parameters drawn
-per subject are only targets. Two domains differ on purpose:
+The cardiac attributes are *measured* from the saved label maps with ``scripts.cardiac``
+(the measurement every cohort gets); the shape parameters drawn per subject are only targets,
+and ANGLE is the rotation the heart was drawn with. Two domains differ on purpose:
 
 - ``public``: ACDC-like. Healthy (NOR), dilated (DCM), hypertrophic (HCM) and
   infarct-thinned (MINF) hearts, a wide age range, AGE/SEX/BMI missing for about a quarter
@@ -40,7 +40,7 @@ Output layout (``DIR`` is ``out_dir``)::
 
 Command line::
 
-    python -m scripts.phantom --out DIR --subjects 200 --domain public --seed 0
+    python -m scripts.phantom --out DIR --subjects 200 --domain public --seed 0 [--layout acdc|mnms|mnms2|ukbb]
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 from scripts.attributes import ATTRIBUTE_NAMES
+from scripts.cardiac import LABELS, measure_attributes, phase_pair_attributes, subject_attributes
 from scripts.errors import ConfigError
 from scripts.files import nifti_gz_bytes, remove_stale_temp, temp_name, write_bytes_atomic
 
@@ -81,7 +82,6 @@ __all__ = [
 
 DOMAINS: tuple[str, ...] = ("public", "private")
 PHASES: tuple[str, ...] = ("ED", "ES")
-LABELS: dict[str, int] = {"background": 0, "lv": 1, "myo": 2, "rv": 3}
 CSV_COLUMNS: tuple[str, ...] = ("id", "subject", "phase", "image", "label") + ATTRIBUTE_NAMES
 SUBJECT_COLUMNS: tuple[str, ...] = ("subject", "domain", "group", "split")
 SPLITS: tuple[str, ...] = ("training", "validation", "test")
@@ -137,82 +137,6 @@ class SubjectParams:
     es: _PhaseGeometry
     shape_params: dict[str, float]
     contrast: dict[str, float]
-
-
-# --------------------------------------------------------------------------------------
-# measurement
-
-
-def measure_attributes(label: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
-    """Measure the cardiac quantities of one label map.
-
-    Volumes are voxel counts times the voxel volume. The mean LV wall thickness uses
-    equivalent radii: on every slice that has both LV blood pool and myocardium,
-    ``r_endo = sqrt(A_blood / pi)`` and ``r_epi = sqrt((A_blood + A_myo) / pi)`` with the
-    areas in mm2, the slice thickness is ``r_epi - r_endo``, and the result is the mean over
-    those slices (NaN when there is none).
-
-    Args:
-        label: integer label map of shape (X, Y, Z), Z being the slice axis, with the
-            values of :data:`LABELS`.
-        spacing: voxel size (sx, sy, sz) in mm, matching the axes of ``label``.
-
-    Returns:
-        dict with ``LV_VOLUME``, ``RV_VOLUME``, ``MYO_VOLUME`` (ml), ``MYO_THICKNESS`` (mm)
-        and ``DEPTH`` (number of slices with any label > 0).
-    """
-    label = np.asarray(label)
-    if label.ndim != 3:
-        raise ValueError(f"label must be a 3D (X, Y, Z) array, got shape {label.shape}")
-    if len(spacing) != 3:
-        raise ValueError(f"spacing must be (sx, sy, sz) in mm, got {spacing!r}")
-    sx, sy, sz = (float(s) for s in spacing)
-    voxel_ml = sx * sy * sz / 1000.0
-    pixel_mm2 = sx * sy
-    lv_area = np.count_nonzero(label == LABELS["lv"], axis=(0, 1)) * pixel_mm2
-    myo_area = np.count_nonzero(label == LABELS["myo"], axis=(0, 1)) * pixel_mm2
-    rv_count = np.count_nonzero(label == LABELS["rv"])
-    ring = (lv_area > 0) & (myo_area > 0)
-    if ring.any():
-        r_endo = np.sqrt(lv_area[ring] / np.pi)
-        r_epi = np.sqrt((lv_area[ring] + myo_area[ring]) / np.pi)
-        thickness = float(np.mean(r_epi - r_endo))
-    else:
-        thickness = float("nan")
-    return {
-        "LV_VOLUME": float(lv_area.sum()) * sz / 1000.0,
-        "RV_VOLUME": rv_count * voxel_ml,
-        "MYO_VOLUME": float(myo_area.sum()) * sz / 1000.0,
-        "MYO_THICKNESS": thickness,
-        "DEPTH": int(np.count_nonzero(np.any(label > 0, axis=(0, 1)))),
-    }
-
-
-def _ejection_fraction(edv: float, esv: float) -> float:
-    return 100.0 * (edv - esv) / edv if edv > 0 else float("nan")
-
-
-def phase_pair_attributes(ed: Mapping[str, float], es: Mapping[str, float]) -> dict[str, float]:
-    """Combine the measurements of the ED and ES label maps of one subject.
-
-    Args:
-        ed: :func:`measure_attributes` of the end-diastolic label map.
-        es: :func:`measure_attributes` of the end-systolic label map.
-
-    Returns:
-        LVEDV, LVESV, LVEF, RVEDV, RVESV, RVEF (ml, %), MYOESTHICK (thickness on the ES
-        label) and MYOEDTHICK (on the ED label) in mm. EF = 100 (EDV - ESV) / EDV.
-    """
-    return {
-        "LVEDV": ed["LV_VOLUME"],
-        "LVESV": es["LV_VOLUME"],
-        "LVEF": _ejection_fraction(ed["LV_VOLUME"], es["LV_VOLUME"]),
-        "RVEDV": ed["RV_VOLUME"],
-        "RVESV": es["RV_VOLUME"],
-        "RVEF": _ejection_fraction(ed["RV_VOLUME"], es["RV_VOLUME"]),
-        "MYOESTHICK": es["MYO_THICKNESS"],
-        "MYOEDTHICK": ed["MYO_THICKNESS"],
-    }
 
 
 # --------------------------------------------------------------------------------------
@@ -800,26 +724,12 @@ def synthesize_subject(seed: int, domain: str, index: int, image_size: Sequence[
         "fine": _smooth_noise(rng, (nz, nx, ny), (0.3, 0.8, 0.8)),
     }
     bias = _bias_field(rng, p.shape, p.contrast["bias"])
-    images, labels, measured = {}, {}, {}
+    images, labels = {}, {}
     for phase in PHASES:
         images[phase], labels[phase] = _render_phase(p, phase, rng, textures, bias)
-        measured[phase] = measure_attributes(labels[phase], p.spacing)
-
-    common = phase_pair_attributes(measured["ED"], measured["ES"])
-    nan = float("nan")
-    common.update(
-        AGE=nan if p.demographics_missing else p.age,
-        SEX=nan if p.demographics_missing else float(p.sex),
-        BMI=nan if p.demographics_missing else p.bmi,
-        ANGLE=p.angle,
-    )
-
-    def value(phase: str, name: str) -> float:
-        if name in common:
-            return float(common[name])
-        return float(phase == "ED") if name == "ESED" else float(measured[phase]["DEPTH"])
-
-    attributes = {phase: {name: value(phase, name) for name in ATTRIBUTE_NAMES} for phase in PHASES}
+    demographics = {} if p.demographics_missing else {"AGE": p.age, "SEX": float(p.sex), "BMI": p.bmi}
+    # ANGLE is the rotation the heart was drawn with (the truth), not a measurement of it
+    attributes = subject_attributes(labels["ED"], labels["ES"], p.spacing, demographics=demographics, angle=p.angle)
     return {
         "params": p,
         "affine": _affine(p),
@@ -962,6 +872,10 @@ class CohortSpec:
         overwrite: replace a cohort already in ``out_dir``.
         num_workers: worker processes for rendering (1 = in this process).
         progress: show a tqdm progress bar.
+        layout: ``"bundle"`` (the phantom's own layout, read by the stages) or a dataset layout
+            to write instead, ``"acdc"``, ``"mnms"``, ``"mnms2"``, ``"ukbb"``, or a
+            ``scripts.phantom_layouts.LayoutOptions`` (storage order, spacing, offset); a
+            dataset layout is read back with ``python -m scripts.prepare``.
     """
 
     out_dir: str | os.PathLike
@@ -973,6 +887,7 @@ class CohortSpec:
     overwrite: bool = False
     num_workers: int = 1
     progress: bool = True
+    layout: Any = "bundle"
     domain_index: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -986,6 +901,9 @@ class CohortSpec:
             raise ConfigError(f"{what}: num_workers must be an integer >= 1; got {self.num_workers!r}")
         if not isinstance(self.overwrite, bool):
             raise ConfigError(f"{what}: overwrite must be True or False; got {self.overwrite!r}")
+        from scripts.phantom_layouts import LayoutOptions  # the writers import this module's helpers
+
+        self.layout = self.layout if isinstance(self.layout, LayoutOptions) else LayoutOptions(layout=str(self.layout))
         self.image_size = _check_image_size(self.image_size)
         self.split_fractions = _check_fractions(self.split_fractions)
         self.subjects, self.seed, self.num_workers = int(self.subjects), int(self.seed), int(self.num_workers)
@@ -1111,6 +1029,17 @@ def _swap_in(staging: Path, out: Path) -> None:
     shutil.rmtree(staging)
 
 
+def _replace_folder(staging: Path, out: Path) -> None:
+    """Put a cohort written in a dataset layout in place of ``out`` (an earlier one is removed after)."""
+    old = None
+    if out.exists():
+        old = Path(temp_name(out))
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
 def generate_cohorts(specs: Sequence[CohortSpec]) -> list[dict[str, Any]]:
     """Generate several cohorts; nothing is replaced unless all of them are generated.
 
@@ -1137,12 +1066,25 @@ def generate_cohorts(specs: Sequence[CohortSpec]) -> list[dict[str, Any]]:
             remove_stale_temp(out.parent, [out.name])  # staging folders of a killed run
             staging_dirs.append(Path(temp_name(out)))
             summaries.append(_render(spec, staging_dirs[-1])[0])
+            if spec.layout.layout != "bundle":  # rewrite the rendered cohort in the dataset's layout
+                from scripts.phantom_layouts import write_layout
+
+                rendered = staging_dirs[-1]
+                staging_dirs[-1] = Path(temp_name(out))
+                write_layout(rendered, staging_dirs[-1], spec.layout)
+                shutil.rmtree(rendered)
+                layout = spec.layout.layout  # the index files come from the importer
+                where = f"{out} in the {layout} layout (python -m scripts.prepare --format {layout} writes it)"
+                summaries[-1].update(layout=layout, datalist=where, attributes_csv="-", subjects_csv="-")
     except BaseException:
         for staging in staging_dirs:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     for spec, staging in zip(specs, staging_dirs):
-        _swap_in(staging, Path(spec.out_dir))
+        if spec.layout.layout == "bundle":
+            _swap_in(staging, Path(spec.out_dir))
+        else:
+            _replace_folder(staging, Path(spec.out_dir))
     return summaries
 
 
@@ -1156,6 +1098,7 @@ def generate_cohort(
     overwrite: bool = False,
     num_workers: int = 1,
     progress: bool = True,
+    layout: Any = "bundle",
 ) -> dict[str, Any]:
     """Generate a synthetic cohort: NIfTI volumes, label maps, attributes.csv and datalist.json.
 
@@ -1175,13 +1118,16 @@ def generate_cohort(
             other files are kept.
         num_workers: worker processes for rendering (1 = in this process).
         progress: show a tqdm progress bar.
+        layout: ``"bundle"`` or a dataset layout (see :class:`CohortSpec`).
 
     Returns:
         summary dict: out_dir, domain, seed, subjects, volumes, groups, split sizes,
         datalist / attributes_csv / subjects_csv paths and per-attribute min / max /
         missing counts.
     """
-    spec = CohortSpec(out_dir, subjects, domain, seed, image_size, split_fractions, overwrite, num_workers, progress)
+    spec = CohortSpec(
+        out_dir, subjects, domain, seed, image_size, split_fractions, overwrite, num_workers, progress, layout
+    )
     return generate_cohorts([spec])[0]
 
 
@@ -1195,6 +1141,7 @@ def main(
     overwrite: bool = False,
     num_workers: int = 1,
     progress: bool = True,
+    layout: str = "bundle",
 ) -> None:
     """Command-line entry point (``python -m scripts.phantom --out DIR ...``); prints the summary as JSON.
 
@@ -1208,6 +1155,7 @@ def main(
         overwrite: replace an existing cohort in ``out``.
         num_workers: rendering processes.
         progress: show a progress bar.
+        layout: ``bundle`` or a dataset layout: ``acdc``, ``mnms``, ``mnms2``, ``ukbb``.
     """
     summary = generate_cohort(
         str(out),
@@ -1219,6 +1167,7 @@ def main(
         overwrite=overwrite,
         num_workers=num_workers,
         progress=progress,
+        layout=str(layout),
     )
     print(json.dumps(summary, indent=2))
 

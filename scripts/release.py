@@ -490,6 +490,8 @@ def release(
     card = cohort_card(model_path, ae_path, report_path, attributes_model, version)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".release_tmp_*"):  # a killed release's staging folder: nothing in it is published
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=".release_tmp_", dir=out_dir))
     moved: list[Path] = []
     try:

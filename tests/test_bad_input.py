@@ -183,3 +183,21 @@ def test_complex_or_blank_volumes_are_refused(tmp_path, kind):
         loaded = LoadImaged(keys="image", ensure_channel_first=True)({"image": path})
     with pytest.raises(DataError, match=rf"{kind}\.nii\.gz: field 'image': (complex-valued|every voxel is)"):
         CheckVolumed(keys="image")(loaded)
+
+
+def test_release_rerun_removes_a_killed_release_staging_folder(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    net = tiny_stage_networks(models)
+    schedule = {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1.0e-4, "beta_end": 7.0e-2}
+    state = net.state_dict()
+    info = stage_checkpoint_info(net, "./models/autoencoder.pt", schedule)
+    torch.save({"network": state, "ema": state, **info}, models / "diffusion.pt")
+    out = tmp_path / "release"
+    stale = out / ".release_tmp_killed"
+    stale.mkdir(parents=True)
+    (stale / "diffusion.pt").write_bytes(b"partial")
+    release(
+        out, "https://example.org/r", ROOT, autoencoder=models / "autoencoder.pt", diffusion=models / "diffusion.pt"
+    )
+    assert not stale.exists()

@@ -97,7 +97,7 @@ def test_needs_in_a_cycle_are_refused_not_skipped(fake_step, tmp_path):
 
 def test_demo_steps_name_existing_configs_and_evaluate_after_the_segmenter():
     steps = {s.name: s for s in demo_steps(public_subjects=12, private_subjects=8, logs="logs")}
-    assert len(steps) == 12 and all(set(s.needs) <= set(steps) for s in steps.values())
+    assert len(steps) == 14 and all(set(s.needs) <= set(steps) for s in steps.values())
     for s in steps.values():
         for i, arg in enumerate(s.argv[:-1]):
             if arg == "--config_file":

@@ -254,7 +254,7 @@ def test_denoising_losses_use_the_same_noise_for_every_record():
 
 
 def test_segmenter_trains_and_measures(trained_segmenter, cohorts, tiny_root):
-    from tests.conftest import mlflow_runs
+    from conftest import mlflow_runs
 
     net, info = segmenter.load_segmenter(str(trained_segmenter))
     assert info["trained_on"].endswith("datalist.json") and info["spatial_size"] == TINY_SIZE
@@ -323,7 +323,7 @@ def test_evaluation_stage_end_to_end(trained_segmenter, synthetic_runs, cohorts,
     ):
         assert (out / name).stat().st_size > 1000, name
     assert not [p for p in os.listdir(out) if p.endswith(".part")]
-    from tests.conftest import mlflow_runs
+    from conftest import mlflow_runs
 
     _, runs = mlflow_runs(tiny_root, "evaluation_")
     assert runs and "headline.lv_found_rate" in runs[0].data.metrics

@@ -11,7 +11,7 @@ from scripts.overrides import check_command_line, command_line
 
 BUNDLE_MAIN = os.path.join("site-packages", "monai", "bundle", "__main__.py")
 DP = "['configs/common.yaml','configs/dp_finetune.yaml','configs/small_dp_finetune.yaml']"
-AE = "configs/common.yaml,configs/train_autoencoder.yaml,configs/small_autoencoder.yaml"
+AE = "['configs/common.yaml','configs/train_autoencoder.yaml','configs/small_autoencoder.yaml']"
 # every stage config a user runs with `python -m monai.bundle run`, with its entry points
 STAGES = {
     "configs/train_autoencoder.yaml": "initialize",
@@ -23,6 +23,7 @@ STAGES = {
     "configs/inference.yaml": "initialize",
     "configs/phantom.yaml": "initialize",
     "configs/dp_attributes.yaml": "initialize",
+    "configs/prepare.yaml": "initialize",
 }
 
 

