@@ -36,7 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scipy.stats import wasserstein_distance  # noqa: E402
-
 from scripts.attribute_model.mechanism import fit  # noqa: E402
 from scripts.attribute_model.model import AttributeModel  # noqa: E402
 from scripts.attribute_model.sample import draw_raw, plausible  # noqa: E402

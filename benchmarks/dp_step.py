@@ -80,7 +80,8 @@ def network_config(size: str) -> dict:
     """Network kwargs, latent shape, lr and noise schedule from the bundle's YAML configs.
 
     ``small`` is ``configs/train_diffusion.yaml`` overridden by ``configs/small_diffusion.yaml``
-    (the same merge as ``--config_file "['configs/train_diffusion.yaml','configs/small_diffusion.yaml']"``).
+    (the same merge as the bundle's
+    ``--config_file "['configs/common.yaml','configs/train_diffusion.yaml','configs/small_diffusion.yaml']"``).
     """
     cfg = yaml.safe_load((REPO / "configs" / "train_diffusion.yaml").read_text())
     if size == "small":
@@ -245,7 +246,6 @@ def build_step(
 def run_mode(args: argparse.Namespace) -> dict:
     """Worker: build, warm up, time one mode; return the measurements."""
     from monai.networks.schedulers import DDPMScheduler
-
     from scripts.networks import ConditionalDiffusionUNet
 
     mode = args.worker
@@ -286,11 +286,10 @@ def run_mode(args: argparse.Namespace) -> dict:
         cpu_times.append(time.process_time() - c0)
         loads.append(os.getloadavg()[0])
     peak = peak_memory_mb(device)
+    cpu = f"cpu ({torch.get_num_threads()} threads)"
     return {
         "mode": mode,
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "trainable_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
         "n": len(times),

@@ -117,7 +117,6 @@ def scratch_checkpoint(pretrained: Path, out: Path, seed: int = 0) -> None:
         seed: seed of the initialisation.
     """
     import torch
-
     from scripts.handlers import atomic_torch_save
     from scripts.networks import ConditionalDiffusionUNet
 
@@ -228,7 +227,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not done(work / "data" / "private" / "datalist.json"):
         stages.run(
             "phantom cohorts",
-            [*BUNDLE, "--config_file", "configs/phantom.yaml", *root]
+            [*BUNDLE, "--config_file", "['configs/common.yaml','configs/phantom.yaml']", *root]
             + ["--public_subjects", str(args.public_subjects), "--private_subjects", str(args.private_subjects)],
             logs / "phantom.log",
         )
@@ -286,7 +285,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 )
             stages.run(
                 f"{name}: synthesis ({n_requests} volumes)",
-                [*BUNDLE, "inference", "--config_file", "configs/inference.yaml", *root]
+                [*BUNDLE, "inference", "--config_file", "['configs/common.yaml','configs/inference.yaml']", *root]
                 + ["--model_path", str(model), "--report_path", str(out / "privacy_report.json")]
                 + ["--weights", weights, "--attributes_csv", str(requests)]
                 + ["--output_dir", str(out / "synthetic"), "--overwrite", "True", "--progress", "False"],
@@ -295,7 +294,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             )
             stages.run(
                 f"{name}: evaluation",
-                [*BUNDLE, "evaluating", "--config_file", "configs/evaluate.yaml", *root]
+                [*BUNDLE, "evaluating", "--config_file", "['configs/common.yaml','configs/evaluate.yaml']", *root]
                 + ["--synthetic_dir", str(out / "synthetic"), "--model_path", str(model), "--weights", weights]
                 + ["--output_dir", str(out / "eval")],
                 logs / f"{name}_evaluation.log",

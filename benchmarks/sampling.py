@@ -71,10 +71,22 @@ def random_networks(device: str) -> tuple[torch.nn.Module, torch.nn.Module, dict
 
     torch.manual_seed(0)
     ldm = ConfigParser()
-    ldm.read_config([str(REPO / "configs" / "train_diffusion.yaml"), str(REPO / "configs" / "small_diffusion.yaml")])
+    ldm.read_config(
+        [
+            str(REPO / "configs" / "common.yaml"),
+            str(REPO / "configs" / "train_diffusion.yaml"),
+            str(REPO / "configs" / "small_diffusion.yaml"),
+        ]
+    )
     network = ldm.get_parsed_content("network_def").to(device).eval().requires_grad_(False)
     ae = ConfigParser()
-    ae.read_config([str(REPO / "configs" / "train_autoencoder.yaml"), str(REPO / "configs" / "small_autoencoder.yaml")])
+    ae.read_config(
+        [
+            str(REPO / "configs" / "common.yaml"),
+            str(REPO / "configs" / "train_autoencoder.yaml"),
+            str(REPO / "configs" / "small_autoencoder.yaml"),
+        ]
+    )
     autoencoder = ae.get_parsed_content("network_def").to(device).eval().requires_grad_(False)
     autoencoder.scale_factor_measured.fill_(True)
     # MONAI zero-initialises the attention output projections, so a fresh UNet ignores its

@@ -26,7 +26,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
-
 from scripts.attributes import ATTRIBUTE_NAMES
 
 __all__ = [
@@ -209,14 +208,10 @@ def subject_attributes(
         value = demographics.get(name)
         common[name] = float(value) if value is not None else math.nan
     common["ANGLE"] = heart_angle(ed_label, spacing, labels) if angle is None else float(angle)
-    return {
-        phase: {
-            name: float(common[name])
-            if name in common
-            else float(phase == "ED")
-            if name == "ESED"
-            else float(measured[phase]["DEPTH"])
-            for name in ATTRIBUTE_NAMES
-        }
-        for phase in ("ED", "ES")
-    }
+
+    def value(phase: str, name: str) -> float:
+        if name in common:
+            return float(common[name])
+        return float(phase == "ED") if name == "ESED" else float(measured[phase]["DEPTH"])
+
+    return {phase: {name: value(phase, name) for name in ATTRIBUTE_NAMES} for phase in ("ED", "ES")}

@@ -34,7 +34,6 @@ from monai.transforms import (
     Transposed,
 )
 from monai.utils import look_up_option
-
 from scripts.attributes import ATTRIBUTE_LIMITS, ATTRIBUTE_NAMES, ATTRIBUTE_UNITS, BINARY_ATTRIBUTES
 from scripts.errors import DataError
 from scripts.files import refuse_duplicate_columns
@@ -255,7 +254,8 @@ def load_datalist(
     if not os.path.isfile(datalist):
         raise DataError(
             f"{datalist}: datalist not found (expected a JSON file with a '{split}' list). The demo's cohorts are "
-            "written by `python -m monai.bundle run --config_file configs/phantom.yaml`; give your own with "
+            "written by `python -m monai.bundle run --config_file \"['configs/common.yaml','configs/phantom.yaml']\"`; "
+            "give your own with "
             "--dataset_dir DIR (a folder holding datalist.json) or --datalist FILE"
         )
     try:

@@ -40,8 +40,8 @@ __all__ = ["Step", "config_list", "demo_steps", "main", "prepare_steps", "preloa
 
 
 def config_list(*names: str) -> str:
-    """The ``--config_file`` value that merges ``configs/<name>.yaml`` in order, e.g. a stage and its demo overlays."""
-    return "[" + ",".join(f"'configs/{name}.yaml'" for name in names) + "]"
+    """The ``--config_file`` value that merges ``configs/common.yaml`` and ``configs/<name>.yaml`` in order."""
+    return "[" + ",".join(f"'configs/{name}.yaml'" for name in ("common", *names)) + "]"
 
 
 # the demo recipe of each stage, merged last (benchmarks/privacy_utility.py uses the same)
@@ -90,7 +90,15 @@ def prepare_steps() -> list[Step]:
     return [
         Step(
             f"prepare: {domain}",
-            ["run", "--config_file", "configs/prepare.yaml", "--format", fmt, "--source", SOURCES[domain]]
+            [
+                "run",
+                "--config_file",
+                "['configs/common.yaml','configs/prepare.yaml']",
+                "--format",
+                fmt,
+                "--source",
+                SOURCES[domain],
+            ]
             + ["--out", f"data/{domain}", "--demographics", f"{SOURCES[domain]}/demographics.csv", *common],
             ("phantom cohorts",),
         )
@@ -119,7 +127,13 @@ def demo_steps(public_subjects: int = 40, private_subjects: int = 40, logs: str 
         # then imported like real ones; see prepare_steps
         Step(
             "phantom cohorts",
-            ["run", "--config_file", "configs/phantom.yaml", "--public_subjects", str(public_subjects)]
+            [
+                "run",
+                "--config_file",
+                "['configs/common.yaml','configs/phantom.yaml']",
+                "--public_subjects",
+                str(public_subjects),
+            ]
             + ["--private_subjects", str(private_subjects)]
             + ["--public_cohort#num_workers", "2", "--private_cohort#num_workers", "2"]
             + ["--public_dir", SOURCES["public"], "--public_cohort#layout", "acdc"]
@@ -148,13 +162,13 @@ def demo_steps(public_subjects: int = 40, private_subjects: int = 40, logs: str 
         # the attribute table under the same ledger, then a cohort drawn from it (cohort_card.json: composed total)
         Step(
             "DP attributes",
-            ["run", "training", "--config_file", "configs/dp_attributes.yaml"],
+            ["run", "training", "--config_file", "['configs/common.yaml','configs/dp_attributes.yaml']"],
             ("DP fine-tuning",),
             log=log("dp_attributes"),
         ),
         Step(
             "synthesis: DP cohort",
-            ["run", "inference", "--config_file", "configs/inference.yaml"]
+            ["run", "inference", "--config_file", "['configs/common.yaml','configs/inference.yaml']"]
             + ["--attributes_model", "models/attributes_dp.json", "--subjects", "2"]
             + ["--output_dir", "outputs/demo_cohort", "--overwrite", "True", "--progress", "False"],
             ("DP attributes",),
@@ -168,14 +182,28 @@ def demo_steps(public_subjects: int = 40, private_subjects: int = 40, logs: str 
         ),
         Step(
             "synthesis: DP model",
-            ["run", "inference", "--config_file", "configs/inference.yaml", "--attributes_csv", requests]
+            [
+                "run",
+                "inference",
+                "--config_file",
+                "['configs/common.yaml','configs/inference.yaml']",
+                "--attributes_csv",
+                requests,
+            ]
             + ["--output_dir", "outputs/demo", "--overwrite", "True", "--progress", "False"],
             ("DP fine-tuning",),
             log=log("synthesis"),
         ),
         Step(
             "synthesis: public model",
-            ["run", "inference", "--config_file", "configs/inference.yaml", "--model_path", "models/diffusion.pt"]
+            [
+                "run",
+                "inference",
+                "--config_file",
+                "['configs/common.yaml','configs/inference.yaml']",
+                "--model_path",
+                "models/diffusion.pt",
+            ]
             + ["--attributes_csv", requests, "--output_dir", "outputs/demo_public", "--overwrite", "True"]
             + ["--progress", "False"],
             ("latent diffusion",),
@@ -183,21 +211,42 @@ def demo_steps(public_subjects: int = 40, private_subjects: int = 40, logs: str 
         ),
         Step(
             "LVEDV sweep: DP model",
-            ["run", "sweep", "--config_file", "configs/inference.yaml", "--attribute", "LVEDV"]
+            [
+                "run",
+                "sweep",
+                "--config_file",
+                "['configs/common.yaml','configs/inference.yaml']",
+                "--attribute",
+                "LVEDV",
+            ]
             + ["--output_dir", "outputs/demo_sweep", "--overwrite", "True"],
             ("DP fine-tuning",),
             log=log("sweep"),
         ),
         Step(
             "evaluation: DP model",
-            ["run", "evaluating", "--config_file", "configs/evaluate.yaml", "--synthetic_dir", "outputs/demo"]
+            [
+                "run",
+                "evaluating",
+                "--config_file",
+                "['configs/common.yaml','configs/evaluate.yaml']",
+                "--synthetic_dir",
+                "outputs/demo",
+            ]
             + ["--sweep_dir", "outputs/demo_sweep"],
             ("synthesis: DP model", "LVEDV sweep: DP model", "segmenter"),
             log=log("evaluation"),
         ),
         Step(
             "evaluation: public model",
-            ["run", "evaluating", "--config_file", "configs/evaluate.yaml", "--synthetic_dir", "outputs/demo_public"]
+            [
+                "run",
+                "evaluating",
+                "--config_file",
+                "['configs/common.yaml','configs/evaluate.yaml']",
+                "--synthetic_dir",
+                "outputs/demo_public",
+            ]
             + ["--model_path", "models/diffusion.pt", "--audit_privacy", "False", "--output_dir", "eval/public"],
             ("synthesis: public model", "segmenter"),
             log=log("public_evaluation"),
@@ -241,7 +290,7 @@ def _run_child(step: Step) -> None:
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
+    except (Exception, KeyboardInterrupt):  # every failure of the step is reported by the excepthook
         sys.excepthook(*sys.exc_info())
     finally:
         atexit._run_exitfuncs()  # what a normal end of the process runs (logging, MLflow)

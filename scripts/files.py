@@ -28,7 +28,6 @@ import shutil
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-
 from scripts.errors import DataError, OutputWriteError
 
 TEMP_SUFFIX = ".part"

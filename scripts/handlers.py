@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from ignite import distributed as idist
 from ignite.engine import Engine, Events
-
 from scripts.errors import CheckpointError, ConfigError, DataError
 from scripts.files import atomic_path, remove_stale_temp
 

@@ -1,7 +1,8 @@
 """Synthesis: attribute-conditioned volumes from the DP fine-tuned model (``configs/inference.yaml``).
 
-    python -m monai.bundle run inference --config_file configs/inference.yaml --attributes_csv FILE --output_dir DIR
-    python -m monai.bundle run sweep --config_file configs/inference.yaml --attribute LVEDV
+    python -m monai.bundle run inference --config_file "['configs/common.yaml','configs/inference.yaml']" \
+        --attributes_csv FILE --output_dir DIR
+    python -m monai.bundle run sweep --config_file "['configs/common.yaml','configs/inference.yaml']" --attribute LVEDV
 
 The request CSV has one row per request: any subset of the 14 attribute columns (blank cell =
 missing, masked as in training) plus optional ``count`` (samples for the row, default 1) and
@@ -36,13 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 from monai.networks.schedulers import DDPMScheduler, Scheduler
-from torch import nn
-
 from scripts.attributes import ATTRIBUTE_NAMES, BINARY_ATTRIBUTES
 from scripts.data import EncodeAttributesd, check_attribute, parse_value
 from scripts.errors import ConfigError, DataError, MissingInputError, OutputExistsError, check_options
 from scripts.files import refuse_duplicate_columns, remove_stale_temp, write_nifti, write_text_atomic
 from scripts.sampling import EvaluationCounter, decode_latents, sample_latents
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,15 @@ PREVIEW = "preview.png"
 CARD_FILES = ("cohort_card.json", "cohort_card.md")  # scripts/attribute_model/card.py writes them after a run
 SAMPLE_PATTERN = re.compile(r"^row\d+_sample\d+\.(nii\.gz|json)$")
 MAX_SEED = 2**63 - 1
-DP_STAGE = "python -m monai.bundle run training --config_file configs/dp_finetune.yaml"
-AUTOENCODER_STAGE = "python -m monai.bundle run training --config_file configs/train_autoencoder.yaml"
+DP_STAGE = "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/dp_finetune.yaml']\""
+AUTOENCODER_STAGE = (
+    "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/train_autoencoder.yaml']\""
+)
+# a model and autoencoder that never saw private data (the public pre-training stages): no DP guarantee applies
+PUBLIC_NOTE = (
+    "public data only: the model and its autoencoder were trained on public data, no private data was used; "
+    "no differential-privacy guarantee is needed or given"
+)
 ATTRIBUTES_NOTE = (
     "Conditioning attributes are the user's input. If they were copied from private records, releasing them "
     "(e.g. in this sidecar) is a separate release that the model's differential-privacy guarantee does not cover."
@@ -366,8 +373,13 @@ def make_provenance(
     model_version: str | None,
     weights: str,
     synthesizer: Synthesizer,
+    model_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What every sidecar records about how its image was made.
+
+    ``model_info`` (the checkpoint's entries besides the weights) tells a public model (no privacy
+    ledger, not fine-tuned from another model, decoded by a public autoencoder) from a DP one: its
+    sidecars say ``privacy_note`` (:data:`PUBLIC_NOTE`) instead of a missing guarantee.
 
     Returns:
         sampler, steps, guidance scale, weights, model file + SHA-256, bundle version,
@@ -387,7 +399,16 @@ def make_provenance(
         "autoencoder": autoencoder_path,
         "autoencoder_sha256": sha256(autoencoder_path),
     }
-    info.update(privacy_info(report_path, model_sha, info["autoencoder_sha256"]))
+    public = (
+        model_info is not None
+        and not model_info.get("privacy_ledger")
+        and "pretrained" not in model_info
+        and not getattr(synthesizer.autoencoder, "privacy_ledger", None)
+    )
+    if public:
+        info.update({"privacy": None, "privacy_note": PUBLIC_NOTE})
+    else:
+        info.update(privacy_info(report_path, model_sha, info["autoencoder_sha256"]))
     info["attributes_note"] = ATTRIBUTES_NOTE
     return info
 
@@ -616,9 +637,8 @@ def run_inference(
     Returns:
         a summary: output_dir, samples, manifest, preview, unet_evaluations_per_volume.
     """
-    from tqdm import tqdm
-
     from scripts.visualize import save_montage
+    from tqdm import tqdm
 
     check_options(seed=seed, batch_size=batch_size, preview_count=preview_count)
     samples = plan_samples(requests, seed)
@@ -628,8 +648,10 @@ def run_inference(
         f"{len(samples)} sample(s) from {len(requests)} request(s): {synthesizer.sampler} {synthesizer.steps} steps, "
         f"guidance {synthesizer.guidance_scale or 'off'}, batch {batch_size}, device {synthesizer.device}"
     )
-    if provenance.get("privacy") is None:
-        logger.warning(provenance.get("privacy_warning"))
+    if provenance.get("privacy_warning"):
+        logger.warning(provenance["privacy_warning"])
+    elif provenance.get("privacy_note"):
+        logger.info(provenance["privacy_note"])
     manifest, preview = [], []
     evaluations = 0
     bar = tqdm(total=len(samples), unit="volume", desc="synthesis", disable=not progress)
@@ -790,9 +812,8 @@ def run_sweep(
     Returns:
         the PNG path.
     """
-    from tqdm import tqdm
-
     from scripts.visualize import save_sweep_grid
+    from tqdm import tqdm
 
     check_options(seed=seed, batch_size=batch_size)
     sweep = sweep_values(attribute, values, count, ranges, plausible, clip_out_of_range)

@@ -31,10 +31,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
-
 from scripts.engines import LatentDiffusionPrepareBatch
 from scripts.privacy.unit_losses import LatentDiffusionUnitLoss
+from torch import nn
 
 logger = logging.getLogger(__name__)
 

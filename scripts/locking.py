@@ -17,7 +17,6 @@ import socket
 import time
 
 from ignite import distributed as idist
-
 from scripts.errors import BundleError
 
 __all__ = ["lock_folder", "release_folder", "FolderLockedError"]

@@ -14,10 +14,9 @@ import torch
 from ignite import distributed as idist
 from monai.losses import PatchAdversarialLoss, PerceptualLoss
 from monai.networks.nets import PatchDiscriminator
-from torch import nn
-
 from scripts.errors import ConfigError
 from scripts.networks import to_slices
+from torch import nn
 
 __all__ = ["AutoencoderKLLoss", "PatchAdversarialTerm"]
 

@@ -17,13 +17,18 @@ from collections.abc import Sequence
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.utils import look_up_option
-from torch import nn
-
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.errors import CheckpointError, ConfigError, MissingInputError
+from torch import nn
 
-AUTOENCODER_STAGE = "python -m monai.bundle run training --config_file configs/train_autoencoder.yaml"
-DIFFUSION_STAGE = "python -m monai.bundle run training --config_file configs/train_diffusion.yaml"
+# default attribute count (a module constant: argument defaults are evaluated once, at definition)
+NUM_ATTRIBUTES = len(ATTRIBUTE_NAMES)
+AUTOENCODER_STAGE = (
+    "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/train_autoencoder.yaml']\""
+)
+DIFFUSION_STAGE = (
+    "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/train_diffusion.yaml']\""
+)
 WEIGHTS = ("ema", "network")
 
 
@@ -126,11 +131,7 @@ class AttributeEncoder(nn.Module):
     """
 
     def __init__(
-        self,
-        num_attributes: int = len(ATTRIBUTE_NAMES),
-        dim: int = 64,
-        num_heads: int = 4,
-        global_dim: int | None = None,
+        self, num_attributes: int = NUM_ATTRIBUTES, dim: int = 64, num_heads: int = 4, global_dim: int | None = None
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -203,7 +204,7 @@ class ConditionalDiffusionUNet(nn.Module):
         self,
         attribute_dim: int = 64,
         attribute_heads: int = 4,
-        num_attributes: int = len(ATTRIBUTE_NAMES),
+        num_attributes: int = NUM_ATTRIBUTES,
         global_conditioning: bool = False,
         **unet_kwargs,
     ) -> None:

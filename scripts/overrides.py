@@ -27,7 +27,6 @@ from fire.parser import DefaultParseValue
 from monai.bundle import ConfigParser
 from monai.bundle import scripts as bundle_scripts
 from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
-
 from scripts.errors import OPTION_FORMS, ConfigError, check_options
 
 __all__ = ["check_command_line", "check_function_options", "command_line", "config_keys", "refuse_unknown"]

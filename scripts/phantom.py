@@ -60,7 +60,6 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.cardiac import LABELS, measure_attributes, phase_pair_attributes, subject_attributes
 from scripts.errors import ConfigError
@@ -1175,7 +1174,6 @@ def main(
 
 if __name__ == "__main__":
     import fire
-
     from scripts.overrides import check_function_options
 
     try:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
 from scripts.cardiac import LABELS
 from scripts.errors import ConfigError
 from scripts.files import nifti_gz_bytes, write_bytes_atomic, write_text_atomic

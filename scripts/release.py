@@ -55,9 +55,13 @@ SKIP_SUFFIXES = (".pyc", ".pyo")
 ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed timestamps: the same bundle gives the same archive bytes
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 VERSION_PATTERN = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_+-]*(\.[0-9A-Za-z_+-]+)*$")
-AUTOENCODER_STAGE = "python -m monai.bundle run training --config_file configs/train_autoencoder.yaml"
-DIFFUSION_STAGE = "python -m monai.bundle run training --config_file configs/train_diffusion.yaml"
-DP_STAGE = "python -m monai.bundle run training --config_file configs/dp_finetune.yaml"
+AUTOENCODER_STAGE = (
+    "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/train_autoencoder.yaml']\""
+)
+DIFFUSION_STAGE = (
+    "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/train_diffusion.yaml']\""
+)
+DP_STAGE = "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/dp_finetune.yaml']\""
 # resume-only content of a stage checkpoint, dropped from the public weights by --strip_training_state
 TRAINING_STATE_KEYS = ("optimizer", "lr_scheduler", "rng", "trainer", "loss")
 # model.pt and autoencoder.pt keep their bytes: the privacy report names both SHA-256 (its epsilon covers images
@@ -244,7 +248,9 @@ def check_weights(
             raise ReleaseError(
                 f"--report {report} given without --model: pass the DP fine-tuned model the report is about"
             )
-        return assets
+        # a public-only release: the public diffusion model is also the bundle's models/model.pt (the file the
+        # Model Zoo's checks and configs/inference.yaml expect); trained on public data only, it needs no DP guarantee
+        return [*assets, _asset(diffusion, "model.pt")]
     if report is None or not report.is_file():
         raise ReleaseError(
             f"--model {model}: its privacy report {report or '<none>'} was not found; a DP fine-tuned model is only "
@@ -336,16 +342,23 @@ def large_files_yaml(assets: Sequence[Asset], base_url: str, non_private: bool =
         {"path": a.path, "url": f"{base_url}/{a.file_name}", "hash_val": a.sha256, "hash_type": HASH_TYPE}
         for a in assets
     ]
+    if non_private:
+        model_note = (
+            "# model.pt was trained on PRIVATE data WITHOUT noise (--allow_non_private): it has NO differential\n"
+            "# privacy guarantee and may reveal its training records; see models/privacy_report.json.\n"
+        )
+    elif any(a.file_name == "privacy_report.json" for a in assets):
+        model_note = "# model.pt is DP fine-tuned, with the guarantee stated in models/privacy_report.json.\n"
+    else:  # a public-only release
+        model_note = (
+            "# model.pt is the public diffusion model (public data only: no differential-privacy guarantee is\n"
+            "# needed or given; no private data was used).\n"
+        )
     header = (
         "# Published weights of this release, fetched into models/ by\n"
         "#   python -m monai.bundle download_large_files --bundle_path <bundle folder>\n"
         "# Each file is checked against its hash. autoencoder.pt and diffusion.pt were trained on PUBLIC data only;\n"
-        + (
-            "# model.pt was trained on PRIVATE data WITHOUT noise (--allow_non_private): it has NO differential\n"
-            "# privacy guarantee and may reveal its training records; see models/privacy_report.json.\n"
-            if non_private
-            else "# model.pt (if listed) is DP fine-tuned, with the guarantee stated in models/privacy_report.json.\n"
-        )
+        + model_note
     )
     return header + yaml.safe_dump({"large_files": entries}, sort_keys=False)
 
@@ -499,10 +512,12 @@ def release(
                     f"would change under that release. Use a new --out folder for each release"
                 )
         members = write_archive(staging / archive_name, root, name, large_files_yaml(assets, url, non_private), card)
-        # rename into place: the published files first, the archive (which names them) last
-        for file_name in [a.file_name for a in assets] + [archive_name]:
+        # the archive's own hash (monai.bundle download checks none): `sha256sum -c <archive>.sha256`
+        (staging / f"{archive_name}.sha256").write_text(f"{sha256(staging / archive_name)}  {archive_name}\n")
+        # rename into place: the published files first, the archive (which names them) and its hash last
+        for file_name in [a.file_name for a in assets] + [archive_name, f"{archive_name}.sha256"]:
             target = out_dir / file_name
-            if target.exists() and file_name != archive_name:
+            if target.exists() and file_name not in (archive_name, f"{archive_name}.sha256"):
                 continue  # the identical file, already published
             os.replace(staging / file_name, target)
             moved.append(target)
@@ -514,7 +529,7 @@ def release(
             out_dir.rmdir()
         raise
     shutil.rmtree(staging, ignore_errors=True)
-    files = [out_dir / archive_name] + [out_dir / a.file_name for a in assets]
+    files = [out_dir / archive_name] + [out_dir / a.file_name for a in assets] + [out_dir / f"{archive_name}.sha256"]
     return {
         "name": name,
         "version": version,

@@ -12,15 +12,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Self
 
 import numpy as np
 import torch
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
-from torch import nn
-
 from scripts.errors import ConfigError
+from torch import nn
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -119,7 +117,7 @@ class EvaluationCounter:
         """Detach the hook."""
         self._handle.remove()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> EvaluationCounter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,11 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch import nn
-
 from scripts.attributes import ATTRIBUTE_UNITS, BINARY_ATTRIBUTES
 from scripts.engines import make_condition
 from scripts.files import atomic_path
+from torch import nn
 
 
 def save_montage(images: Sequence[tuple[str, np.ndarray]], path: str, slices: int = 3) -> str:

@@ -57,8 +57,8 @@ def bundle():
 
 # --- bundle stages on tiny sizes, shared by the stage tests ---------------------------------------
 
-AE = "['configs/train_autoencoder.yaml','configs/small_autoencoder.yaml']"
-LDM = "['configs/train_diffusion.yaml','configs/small_diffusion.yaml']"
+AE = "['configs/common.yaml','configs/train_autoencoder.yaml','configs/small_autoencoder.yaml']"
+LDM = "['configs/common.yaml','configs/train_diffusion.yaml','configs/small_diffusion.yaml']"
 TINY = ["--spatial_size", "[8,48,48]", "--num_workers", "0"]
 LATENT = ["--latent_shape", "[4,8,12,12]"]
 

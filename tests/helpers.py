@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from monai.networks.schedulers import DDPMScheduler
 from scipy.special import gammaln
-
 from scripts.files import sha256
 from scripts.networks import ConditionalDiffusionUNet, SliceAutoencoder
 from scripts.privacy.handler import DPTrainingHandler

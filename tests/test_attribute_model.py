@@ -14,9 +14,7 @@ import os
 
 import numpy as np
 import pytest
-from test_inference import tiny_bundle  # noqa: F401 (the tiny random model.pt fixture)
-from test_release import weights  # noqa: F401 (tiny random release weights)
-
+from helpers import rdp_epsilon
 from scripts.attribute_model.card import add_evaluation, build_card, compose_cohort
 from scripts.attribute_model.mechanism import (
     bin_edges,
@@ -33,8 +31,8 @@ from scripts.attribute_model.stage import AttributeStage, AttributeStageSettings
 from scripts.attribute_model.table import SUBJECT_COLUMNS, SubjectTable, subject_table
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.errors import ConfigError, DataError
-
-from helpers import rdp_epsilon
+from test_inference import tiny_bundle  # noqa: F401 (the tiny random model.pt fixture)
+from test_release import weights  # noqa: F401 (tiny random release weights)
 
 IDX = {n: i for i, n in enumerate(ATTRIBUTE_NAMES)}
 ATTRIBUTE_RANGES = {"LVEDV": [40, 400], "LVESV": [10, 330], "RVEDV": [40, 400], "RVESV": [10, 330], "LVEF": [5, 85],
@@ -365,7 +363,7 @@ def test_requests_from_the_model_or_a_csv(tmp_path, table, attribute_ranges):
         cohort_requests(None, str(tmp_path / "m.json"), None, 0, attribute_ranges)
 
 
-def test_bundle_inference_draws_a_cohort_and_writes_its_card(tiny_bundle, bundle, cohorts, tmp_path, monkeypatch):  # noqa: F811
+def test_bundle_inference_draws_a_cohort_and_card(tiny_bundle, bundle, cohorts, tmp_path, monkeypatch):  # noqa: F811
     """``configs/inference.yaml --attributes_model --subjects``: sources, card with composed total, no private row."""
     import yaml
 
@@ -381,7 +379,14 @@ def test_bundle_inference_draws_a_cohort_and_writes_its_card(tiny_bundle, bundle
                       compose_with=str(tmp_path / "privacy_report.json"))  # fmt: skip
     AttributeStage(settings).run()
     out = tmp_path / "cohort"
-    args = ["--config_file", "configs/inference.yaml", "--attributes_model", settings.model_path, "--subjects", "2"]
+    args = [
+        "--config_file",
+        "['configs/common.yaml','configs/inference.yaml']",
+        "--attributes_model",
+        settings.model_path,
+        "--subjects",
+        "2",
+    ]
     args += ["--output_dir", str(out), "--bundle_root", str(tiny_bundle), "--device", "cpu", "--num_inference_steps"]
     args = ["--report_path", str(tmp_path / "privacy_report.json"), *args]
     proc = bundle("run", "inference", *args, "2", "--preview_count", "0")
@@ -446,13 +451,12 @@ def test_release_archive_holds_the_cohort_card(weights, tmp_path, table, attribu
 
 def test_bundle_config_runs_the_stage(cohorts, tmp_path, monkeypatch):
     """configs/dp_attributes.yaml, parsed and run in-process as `monai.bundle run training` does."""
+    from conftest import ROOT
     from monai.bundle import ConfigParser
 
-    from conftest import ROOT
-
-    monkeypatch.chdir(ROOT)  # the config's macros name configs/common.yaml relative to the bundle root
+    monkeypatch.chdir(ROOT)
     parser = ConfigParser()
-    parser.read_config(str(ROOT / "configs" / "dp_attributes.yaml"))
+    parser.read_config([str(ROOT / "configs" / "common.yaml"), str(ROOT / "configs" / "dp_attributes.yaml")])
     parser.update(
         {"bundle_root": str(tmp_path), "dataset_dir": str(cohorts["private"]), "accountant": "rdp",
          "target_epsilon": 40.0, "max_noise_ratio": 5.0, "seed": 0}

@@ -14,15 +14,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
+from helpers import jittered, stage_checkpoint_info, tiny_stage_networks, write_privacy_report
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.data import read_attributes_csv
 from scripts.errors import CheckpointError, DataError
 from scripts.handlers import AtomicCheckpoint
 from scripts.privacy.accounting import MIN_NOISE_MULTIPLIER, calibrate_noise, compute_epsilon
 from scripts.release import ReleaseError, release
-
-from helpers import jittered, stage_checkpoint_info, tiny_stage_networks, write_privacy_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,7 +110,15 @@ def test_unreachable_tracking_server_ends_in_one_short_error(tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("CARDIAC_LDM_TRACEBACK", None)
-    argv = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train_autoencoder.yaml"]
+    argv = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "['configs/common.yaml','configs/train_autoencoder.yaml']",
+    ]
     argv += ["--bundle_root", str(tmp_path), "--tracking_uri", f"http://127.0.0.1:{port}"]
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
@@ -167,7 +173,6 @@ def test_complex_or_blank_volumes_are_refused(tmp_path, kind):
     import nibabel as nib
     import numpy as np
     from monai.transforms import LoadImaged
-
     from scripts.data import CheckVolumed
 
     data = {"complex": np.random.rand(8, 8, 4) + 1j, "zeros": np.zeros((8, 8, 4)), "constant": np.full((8, 8, 4), 7.0)}
@@ -208,10 +213,9 @@ class _Units(list):
 
 
 def test_explicit_sigma_that_affords_no_step_is_refused_before_anything_runs():
+    from helpers import dp_settings
     from scripts.errors import ConfigError
     from scripts.privacy.ledger import PrivacyLedger
-
-    from helpers import dp_settings
 
     settings = dp_settings(_Units(), target_epsilon=10.0)
     with pytest.raises(ConfigError, match=r"noise_multiplier=0.01 affords no DP step .* epsilon"):

@@ -23,18 +23,16 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
+from helpers import diffusion_loss, tiny_autoencoder, tiny_unet
 from scripts.privacy import bookkeeping, grad_norms
 from scripts.privacy.bookkeeping import unsupported_layers
 from scripts.privacy.per_sample import MODES, clipped_grad_sum, resolve_grad_sample_mode
-
-from helpers import diffusion_loss, tiny_autoencoder, tiny_unet
-from helpers import diffusion_unit as shared_diffusion_unit
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -286,7 +284,7 @@ def unet() -> nn.Module:
 
 def diffusion_unit(records: int, k: int, seed: int) -> dict[str, torch.Tensor]:
     """One privacy unit of tests/helpers.py, each attribute missing with probability 0.3."""
-    return shared_diffusion_unit(records, k, seed, missing_rate=0.3)
+    return helpers.diffusion_unit(records, k, seed, missing_rate=0.3)
 
 
 @pytest.mark.parametrize("scope", ["all", "attention", "conditioning"])
@@ -331,12 +329,7 @@ def test_unet_removing_one_unit_moves_sum_by_at_most_c(unet: nn.Module, records:
 def test_slice_autoencoder_equals_loop() -> None:
     """2D layers see rows x slices, the output is a tuple: AutoencoderUnits' shape of loss."""
     ae = tiny_autoencoder(
-        seed=0,
-        channels=(4, 8),
-        latent_channels=2,
-        scale_factor=None,
-        frozen=False,
-        num_res_blocks=[1, 1],
+        seed=0, channels=(4, 8), latent_channels=2, scale_factor=None, frozen=False, num_res_blocks=[1, 1]
     ).eval()  # eval: the latent is the posterior mean, so "loop" and one batched forward see the same values
 
     def loss(net: Callable, unit: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 from scipy import ndimage
-
 from scripts.cardiac import LABELS, heart_angle, measure_attributes, subject_attributes, wall_thickness
 
 PIXEL = 1.8  # mm, the UK Biobank in-plane spacing

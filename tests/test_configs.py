@@ -18,15 +18,16 @@ OVERLAYS = {
 
 
 def parsed(*names: str) -> ConfigParser:
+    """The merged configs/common.yaml + configs/<names>.yaml, as a bundle command reads them."""
     parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / f"{n}.yaml") for n in names])
+    parser.read_config([str(ROOT / "configs" / f"{n}.yaml") for n in dict.fromkeys(("common", *names))])
     parser.parse()  # resolves every macro and reference id; nothing is instantiated
     return parser
 
 
 @pytest.fixture(autouse=True)
-def _bundle_root(monkeypatch):
-    monkeypatch.chdir(ROOT)  # macros name configs/common.yaml relative to the bundle root
+def _elsewhere(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the configs resolve the same from any working directory
 
 
 @pytest.mark.parametrize(
@@ -90,6 +91,13 @@ def test_multi_gpu_overlay_keeps_every_base_initialize_step(stage):
 def test_shared_blocks_are_taken_from_common(stage):
     raw = ConfigParser.load_config_file(str(ROOT / "configs" / f"{stage}.yaml"))
     text = (ROOT / "configs" / f"{stage}.yaml").read_text()
-    assert raw["imports"] == "%configs/common.yaml::imports"
+    assert "imports" not in raw  # configs/common.yaml, merged first, holds them
     for block in ("MLFlowHandler", "ignite.handlers.ProgressBar", "SupervisedTrainer", "init_process_group"):
         assert block not in text, f"{stage}.yaml writes {block} itself instead of taking it from configs/common.yaml"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_no_macro_names_another_file(path):
+    # MONAI opens a macro's file relative to the working directory, not the bundle root
+    values = [line.split("#", 1)[0] for line in path.read_text().splitlines()]  # comments may name the old form
+    assert not any('"%configs/' in v for v in values), f"{path.name}: use '%<key>' on the merged configs/common.yaml"

@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.data import DataError, EncodeAttributesd, get_dataset, load_datalist, read_attributes_csv
 
@@ -221,7 +220,7 @@ def test_bundle_run_exits_nonzero_naming_file(tmp_path, cohorts, bundle):
         "run",
         "training",
         "--config_file",
-        "['configs/train_autoencoder.yaml','configs/small_autoencoder.yaml']",
+        "['configs/common.yaml','configs/train_autoencoder.yaml','configs/small_autoencoder.yaml']",
         "--dataset_dir",
         str(cohort),
         "--bundle_root",

@@ -7,31 +7,27 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from scripts.demo import Step, demo_steps, run_steps
 from scripts.summary import stage_times
 
 REPO = Path(__file__).resolve().parents[1]
+FAKE_STEP = """
+    import sys, time, torch
+    events, name, seconds, code = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+    with open(events, "a") as f:
+        f.write(f"start {name} {time.time()} {torch.get_num_threads()}\\n")
+    print(f"{name} says hello")
+    time.sleep(seconds)
+    with open(events, "a") as f:
+        f.write(f"end {name} {time.time()} 0\\n")
+    sys.exit(code)
+"""
 
 
 @pytest.fixture
 def fake_step(tmp_path, monkeypatch):
     """A module run as ``__main__`` by the steps: records its start, end and thread count, sleeps, exits."""
-    (tmp_path / "fake_step.py").write_text(
-        textwrap.dedent(
-            """
-            import sys, time, torch
-            events, name, seconds, code = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
-            with open(events, "a") as f:
-                f.write(f"start {name} {time.time()} {torch.get_num_threads()}\\n")
-            print(f"{name} says hello")
-            time.sleep(seconds)
-            with open(events, "a") as f:
-                f.write(f"end {name} {time.time()} 0\\n")
-            sys.exit(code)
-            """
-        )
-    )
+    (tmp_path / "fake_step.py").write_text(textwrap.dedent(FAKE_STEP))
     monkeypatch.syspath_prepend(str(tmp_path))
     events = tmp_path / "events.txt"
 

@@ -12,14 +12,12 @@ import json
 
 import pytest
 import torch
+from helpers import Records, make_dp_stage, rdp_epsilon, tiny_unet
 from ignite.engine import Engine
-from torch import nn
-
 from scripts.privacy.accounting import compute_epsilon
 from scripts.privacy.units import PrivacyUnits
 from scripts.privacy.validation import apply_scope, validate_network
-
-from helpers import Records, make_dp_stage, rdp_epsilon, tiny_unet
+from torch import nn
 
 SHAPE = (1, 4, 16, 16)
 C = 1.0

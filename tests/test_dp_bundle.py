@@ -12,14 +12,12 @@ import time
 import numpy as np
 import pytest
 import torch
-
+from conftest import ROOT, TINY, mlflow_runs
+from helpers import torchrun_training
 from scripts.files import sha256
 from scripts.privacy.accounting import compute_epsilon
 
-from conftest import ROOT, TINY, mlflow_runs
-from helpers import torchrun_training
-
-DP = "['configs/dp_finetune.yaml','configs/small_dp_finetune.yaml']"
+DP = "['configs/common.yaml','configs/dp_finetune.yaml','configs/small_dp_finetune.yaml']"
 # 6 private subjects -> 4 in the training split; logical batch 2 -> q = 0.5, 2 steps an epoch
 DP_TINY = [*TINY, "--logical_batch_size", "2", "--max_physical_batch_size", "2"]
 
@@ -211,7 +209,9 @@ def test_dp_errors_name_the_cause(pretrained, cohorts, bundle, tmp_path):
 
 def test_dp_autoencoder_ledger_is_composed_into_the_report(pretrained, cohorts, bundle, tmp_path):
     _copy_models(pretrained, tmp_path)
-    config = "['configs/dp_finetune_autoencoder.yaml','configs/small_dp_finetune_autoencoder.yaml']"
+    config = (
+        "['configs/common.yaml','configs/dp_finetune_autoencoder.yaml','configs/small_dp_finetune_autoencoder.yaml']"
+    )
     ae = _dp(
         bundle,
         tmp_path,
@@ -298,7 +298,10 @@ def test_distributed_dp_step_equals_single_process(tmp_path):
 
 def test_multi_process_dp_finetune_bundle(pretrained, cohorts, tmp_path):
     _copy_models(pretrained, tmp_path)
-    config = "['configs/dp_finetune.yaml','configs/small_dp_finetune.yaml','configs/multi_gpu_dp_finetune.yaml']"
+    config = str(
+        ["configs/common.yaml", "configs/dp_finetune.yaml", "configs/small_dp_finetune.yaml"]
+        + ["configs/common.yaml", "configs/multi_gpu_dp_finetune.yaml"]
+    )
     proc = torchrun_training(config, cohorts["private"], tmp_path, *DP_TINY, "--epochs", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "models" / "privacy_report.json").read_text())

@@ -7,10 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
-from scripts.errors import BundleError, ConfigError, DataError, check_options, compact_report
-
 from conftest import AE, ROOT, TINY
+from scripts.errors import BundleError, ConfigError, DataError, check_options, compact_report
 
 
 @pytest.mark.parametrize(

@@ -16,16 +16,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
+from helpers import stage_checkpoint_info, tiny_stage_networks, tiny_unet
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.errors import DataError, MissingInputError
 from scripts.evaluation import audit, control, diversity, features, fidelity, segmenter
 from scripts.evaluation.volumes import load_real, load_synthetic, to_network_layout
 
-from helpers import stage_checkpoint_info, tiny_stage_networks, tiny_unet
-
 SCHEDULE = {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1.0e-4, "beta_end": 7.0e-2}
-SEG = "['configs/train_segmenter.yaml','configs/small_segmenter.yaml']"
+SEG = "['configs/common.yaml','configs/train_segmenter.yaml','configs/small_segmenter.yaml']"
 TINY_SIZE = [8, 48, 48]  # helpers.tiny_stage_networks' image size
 
 
@@ -278,7 +276,7 @@ def test_evaluation_stage_end_to_end(trained_segmenter, synthetic_runs, cohorts,
         "run",
         "evaluating",
         "--config_file",
-        "configs/evaluate.yaml",
+        "['configs/common.yaml','configs/evaluate.yaml']",
         "--bundle_root",
         str(tiny_root),
         "--synthetic_dir",
@@ -478,7 +476,8 @@ def test_bundle_run_with_bad_input_exits_non_zero(tmp_path, bundle):
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = bundle(
-        "run", "evaluating", "--config_file", "configs/evaluate.yaml", "--bundle_root", str(tmp_path),
+        "run", "evaluating", "--config_file", "['configs/common.yaml','configs/evaluate.yaml']",
+        "--bundle_root", str(tmp_path),
         "--synthetic_dir", str(empty),
     )  # fmt: skip
     assert proc.returncode != 0

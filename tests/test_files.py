@@ -14,7 +14,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from scripts.files import (
     atomic_path,
     nifti_gz_bytes,
@@ -122,7 +121,6 @@ def test_remove_stale_temp_by_name_spares_other_stages(tmp_path):
 
 def test_checkpoint_handler_removes_its_stale_temp_files(tmp_path):
     from ignite.engine import Engine
-
     from scripts.handlers import AtomicCheckpoint
 
     (tmp_path / ".ae_last.pt.0badcafe.part").write_bytes(b"")

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
+from helpers import jittered, stage_checkpoint_info, tiny_stage_networks, write_privacy_report
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.data import DataError
 from scripts.inference import (
@@ -40,8 +40,6 @@ from scripts.inference import (
     sweep_values,
 )
 from scripts.sampling import build_scheduler
-
-from helpers import jittered, stage_checkpoint_info, tiny_stage_networks, write_privacy_report
 
 SCHEDULE = {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1.0e-4, "beta_end": 7.0e-2}
 STEPS = ["--num_inference_steps", "3"]
@@ -346,7 +344,10 @@ def test_wrong_stage_checkpoint_is_named(tiny_bundle):
 def test_missing_weights_name_the_stage(tiny_bundle, tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         load_model(str(tmp_path / "models" / "model.pt"), bundle_root=str(tmp_path))
-    assert "python -m monai.bundle run training --config_file configs/dp_finetune.yaml" in str(err.value)
+    assert (
+        "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/dp_finetune.yaml']\""
+        in str(err.value)
+    )
     assert "download_large_files" not in str(err.value)  # large_files.yml lists no weights
     (tmp_path / "large_files.yml").write_text(
         "large_files:\n  - path: models/model.pt\n    url: https://example.org/m.pt\n"
@@ -405,7 +406,7 @@ def test_bundle_inference_end_to_end(tiny_bundle, bundle, tmp_path, monkeypatch)
     out = tmp_path / "out"
     args = [
         "--config_file",
-        "configs/inference.yaml",
+        "['configs/common.yaml','configs/inference.yaml']",
         "--attributes_csv",
         csv_path,
         "--output_dir",
@@ -466,7 +467,7 @@ def test_bundle_inference_end_to_end(tiny_bundle, bundle, tmp_path, monkeypatch)
         str(tmp_path / "no_models"),
     )
     assert missing.returncode != 0
-    stage = "python -m monai.bundle run training --config_file configs/dp_finetune.yaml"
+    stage = "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/dp_finetune.yaml']\""
     assert f"they are produced by the DP fine-tuning stage: {stage}" in missing.stderr
 
 
@@ -476,7 +477,7 @@ def test_bundle_sweep_png(tiny_bundle, bundle, tmp_path, monkeypatch):
         "run",
         "sweep",
         "--config_file",
-        "configs/inference.yaml",
+        "['configs/common.yaml','configs/inference.yaml']",
         "--attribute",
         "LVEDV",
         "--sweep_count",

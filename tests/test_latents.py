@@ -6,17 +6,15 @@ import copy
 
 import pytest
 import torch
+from helpers import Records, dp_settings, tiny_autoencoder, tiny_unet
 from monai.networks.schedulers import DDPMScheduler
-from torch.utils.data import default_collate
-
 from scripts.engines import LatentDiffusionPrepareBatch
 from scripts.latents import CachedLatentPrepareBatch, CachedLatentUnitLoss, LatentCache, RepeatedDataset
 from scripts.privacy.handler import DPTrainingHandler
 from scripts.privacy.ledger import PrivacyLedger
 from scripts.privacy.unit_losses import LatentDiffusionUnitLoss
 from scripts.privacy.units import PrivacyUnits, sample_rate
-
-from helpers import Records, dp_settings, tiny_autoencoder, tiny_unet
+from torch.utils.data import default_collate
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # encoding several volumes at once may round differently from one at a time
 

@@ -7,12 +7,10 @@ import logging
 import math
 
 import pytest
-
+from helpers import rdp_epsilon
 from scripts.errors import ConfigError
 from scripts.privacy.accounting import compute_epsilon
 from scripts.privacy.ledger import PrivacyLedger, ancestors, read_report, report_summary
-
-from helpers import rdp_epsilon
 
 N = 50  # units
 
@@ -212,7 +210,6 @@ def test_noise_off_only_with_an_infinite_target(tmp_path):
 def test_memoised_rdp_returns_what_opacus_computes():
     """scripts.privacy.accounting caches Opacus's per-order RDP (a pure function); values stay Opacus's own."""
     from opacus.accountants.analysis import rdp
-
     from scripts.privacy.accounting import _memoise_opacus_rdp, compute_epsilon
 
     compute_epsilon(0.5, 1.0, 8, 1e-5, accountant="rdp")  # installs the cache

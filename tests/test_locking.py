@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from scripts.locking import FolderLockedError, lock_folder, release_folder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,12 +25,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
+from conftest import ROOT, TINY, run_bundle, train_diffusion
 from scripts.tracking import TrackingServerError, check_tracking_uri
 
-from conftest import ROOT, TINY, run_bundle, train_diffusion
-
-DP = "['configs/dp_finetune.yaml','configs/small_dp_finetune.yaml']"
+DP = "['configs/common.yaml','configs/dp_finetune.yaml','configs/small_dp_finetune.yaml']"
 DP_TINY = [*TINY, "--logical_batch_size", "2", "--max_physical_batch_size", "2"]
 SERVER_START_TIMEOUT = 180.0  # seconds; the server imports a lot (about 25 s on 2 busy cores)
 # MLflow's client retries an unreachable server for minutes by default: keep failures fast here
@@ -300,7 +298,7 @@ def test_check_tracking_uri_refuses_unanswering_and_failing_servers():
         check_tracking_uri(uri, timeout=5)
 
     class Failing(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
+        def do_GET(self) -> None:  # noqa: N802 (http.server's method name)
             self.send_response(503)
             self.end_headers()
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from scripts.networks import ConditionalDiffusionUNet, SliceAutoencoder
-
 from helpers import tiny_autoencoder, tiny_unet
+from scripts.networks import ConditionalDiffusionUNet, SliceAutoencoder
 
 
 def _autoencoder(seed: int) -> SliceAutoencoder:

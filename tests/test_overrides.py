@@ -6,13 +6,12 @@ import os
 
 import pytest
 from monai.bundle import ConfigParser
-
 from scripts.errors import ConfigError
 from scripts.overrides import check_command_line, command_line
 
 BUNDLE_MAIN = os.path.join("site-packages", "monai", "bundle", "__main__.py")
-DP = "['configs/dp_finetune.yaml','configs/small_dp_finetune.yaml']"
-AE = "configs/train_autoencoder.yaml,configs/small_autoencoder.yaml"
+DP = "['configs/common.yaml','configs/dp_finetune.yaml','configs/small_dp_finetune.yaml']"
+AE = "['configs/common.yaml','configs/train_autoencoder.yaml','configs/small_autoencoder.yaml']"
 # every stage config a user runs with `python -m monai.bundle run`, with its entry points
 STAGES = {
     "configs/train_autoencoder.yaml": "initialize",
@@ -72,7 +71,9 @@ def test_known_options_nested_keys_and_run_arguments_pass():
 
 
 def test_tracking_adds_monai_mlflow_settings():
-    argv = run_argv("--config_file", "configs/train_autoencoder.yaml", "--save_execute_config", "False")
+    argv = run_argv(
+        "--config_file", "['configs/common.yaml','configs/train_autoencoder.yaml']", "--save_execute_config", "False"
+    )
     with pytest.raises(ConfigError, match="save_execute_config"):
         check_command_line(argv)
     check_command_line([*argv, "--tracking", "mlflow"])
@@ -100,7 +101,7 @@ def test_only_bundle_command_lines_are_checked():
 @pytest.mark.parametrize("config_file, entry", sorted(STAGES.items()))
 def test_every_stage_checks_its_command_line_first(config_file, entry):
     parser = ConfigParser()
-    parser.read_config(config_file)
+    parser.read_config(["configs/common.yaml", config_file])  # merged first, as every command does
     steps = parser.get_parsed_content(entry, lazy=True, instantiate=False, eval_expr=False)
     flat = []
     for step in steps:

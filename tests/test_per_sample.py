@@ -10,11 +10,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 import torch
-from torch import nn
-
-from scripts.privacy.per_sample import clip_factor, clipped_grad_sum
-
 from helpers import diffusion_loss, diffusion_unit, tiny_unet
+from scripts.privacy.per_sample import clip_factor, clipped_grad_sum
+from torch import nn
 
 MODES = ("loop", "vmap", "bookkeeping")  # bookkeeping in depth: tests/test_bookkeeping.py
 

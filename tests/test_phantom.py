@@ -13,7 +13,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
-
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.phantom import (
     LABELS,
@@ -390,7 +389,7 @@ def test_bundle_phantom_with_bad_argument_keeps_data(tmp_path, bundle):
     proc = bundle(
         "run",
         "--config_file",
-        "configs/phantom.yaml",
+        "['configs/common.yaml','configs/phantom.yaml']",
         "--public_dir",
         str(public),
         "--private_dir",

@@ -12,7 +12,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.data import load_datalist, read_attributes_csv
 from scripts.errors import ConfigError, DataError
@@ -91,7 +90,7 @@ def test_the_phantom_writes_each_layout(sources):
 
 
 def test_each_layout_gives_a_cohort_the_stages_read(prepared):
-    ranges = {n: (-1e9, 1e9) for n in ATTRIBUTE_NAMES}
+    ranges = dict.fromkeys(ATTRIBUTE_NAMES, (-1000000000.0, 1000000000.0))
     for name, cohort in prepared.items():
         datalist = json.loads((cohort / "datalist.json").read_text())
         subjects = {split: {e["subject"] for e in datalist[split]} for split in ("training", "validation", "test")}
@@ -238,7 +237,7 @@ def test_every_exclusion_reason_is_named_and_the_rest_is_kept(sources, tmp_path,
     assert [s["subject"] for s in report["included"]] == ["patient001"]
     assert {e["subject"]: e["reason"] for e in report["excluded"]} == expected
     on_disk = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
-    assert on_disk["exclusion_reasons"] == {r: 1 for r in REASONS}
+    assert on_disk["exclusion_reasons"] == dict.fromkeys(REASONS, 1)
     assert all(f"excluded {pid}" in caplog.text and reason in caplog.text for pid, reason in expected.items())
     # worker processes give the same cohort, byte for byte
     prepare_cohort(

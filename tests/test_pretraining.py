@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from conftest import LATENT, LDM, TINY, mlflow_runs, train_autoencoder, train_diffusion
+from helpers import save_autoencoder, tiny_autoencoder, tiny_unet, torchrun_training
 from scripts.engines import LatentDiffusionPrepareBatch, make_condition
 from scripts.handlers import LatentScaleFactor
 from scripts.networks import ConditionalDiffusionUNet, load_autoencoder
-
-from conftest import LATENT, LDM, TINY, mlflow_runs, train_autoencoder, train_diffusion
-from helpers import save_autoencoder, tiny_autoencoder, tiny_unet, torchrun_training
 
 
 def test_autoencoder_checkpoint_and_scale_factor(pretrained, cohorts, attribute_ranges):
@@ -144,7 +142,7 @@ def test_unknown_attribute_in_config_is_a_clear_error(pretrained, cohorts, bundl
 
     extra = tmp_path / "ranges.yaml"
     extra.write_text(yaml.safe_dump({"attribute_ranges": dict(attribute_ranges, LVMASS=[50.0, 300.0])}))
-    files = f"['configs/train_diffusion.yaml','configs/small_diffusion.yaml','{extra}']"
+    files = f"['configs/common.yaml','configs/train_diffusion.yaml','configs/small_diffusion.yaml','{extra}']"
     proc = bundle(
         "run",
         "training",
@@ -168,7 +166,9 @@ def test_unknown_attribute_in_config_is_a_clear_error(pretrained, cohorts, bundl
 def test_missing_autoencoder_names_the_stage(tmp_path, cohorts, bundle):
     proc = train_diffusion(bundle, tmp_path, cohorts["public"], "--epochs", "1")
     assert proc.returncode != 0
-    stage = "python -m monai.bundle run training --config_file configs/train_autoencoder.yaml"
+    stage = (
+        "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/train_autoencoder.yaml']\""
+    )
     assert f"autoencoder.pt not found; it is produced by: {stage}" in proc.stderr
 
 
@@ -177,7 +177,10 @@ def test_multi_process_diffusion_with_gloo(pretrained, tmp_path, cohorts):
     import shutil
 
     shutil.copytree(pretrained / "models", tmp_path / "models", ignore=shutil.ignore_patterns("diffusion*"))
-    config = "['configs/train_diffusion.yaml','configs/small_diffusion.yaml','configs/multi_gpu_train.yaml']"
+    config = str(
+        ["configs/common.yaml", "configs/train_diffusion.yaml", "configs/small_diffusion.yaml"]
+        + ["configs/common.yaml", "configs/multi_gpu_train.yaml"]
+    )
     proc = torchrun_training(config, cohorts["public"], tmp_path, *TINY, *LATENT, "--epochs", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "models" / "diffusion.pt", weights_only=False)
@@ -212,7 +215,6 @@ def test_patchgan_term_trains_the_discriminator_in_training_only():
 def test_patchgan_is_refused_under_torch_distributed(monkeypatch):
     """The discriminator steps outside DDP (its copies would drift apart): refused with more than one process."""
     from ignite import distributed as idist
-
     from scripts.losses import AutoencoderKLLoss
 
     monkeypatch.setattr(idist, "get_world_size", lambda: 2)
@@ -260,7 +262,8 @@ def test_corrupt_checkpoints_are_named(tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     ae_stage = (
-        "expected the file written by: python -m monai.bundle run training --config_file configs/train_autoencoder.yaml"
+        "expected the file written by: python -m monai.bundle run training "
+        "--config_file \"['configs/common.yaml','configs/train_autoencoder.yaml']\""
     )
     for bad in (text, truncated):
         with pytest.raises(CheckpointError) as err:

@@ -45,12 +45,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import RDP_ORDERS, rdp_epsilon, rdp_sgm_step  # noqa: F401  (independent RDP, shared with other tests)
 from scipy.optimize import brentq
 from scipy.special import log_ndtr, ndtr
-
 from scripts.privacy.accounting import calibrate_noise, compose_epsilon, compute_epsilon, main
-
-from helpers import RDP_ORDERS, rdp_epsilon, rdp_sgm_step  # noqa: F401  (independent RDP, shared with other tests)
 
 REPO = Path(__file__).resolve().parents[1]
 PRV_EPS_ERROR = 0.01  # Opacus's default, absolute, added to the PRV estimate
@@ -211,12 +209,7 @@ def test_independent_pld_matches_gaussian_closed_form():
 
 
 # (q, sigma, steps, delta): around the bundle's settings (q ~ 0.01, eps 1..10) and beyond
-PLD_CASES = [
-    (0.01, 1.0, 1000, 1e-5),
-    (0.01, 0.6, 2000, 1e-5),
-    (0.05, 2.0, 500, 1e-6),
-    (0.001, 1.0, 100, 1e-5),
-]
+PLD_CASES = [(0.01, 1.0, 1000, 1e-5), (0.01, 0.6, 2000, 1e-5), (0.05, 2.0, 500, 1e-6), (0.001, 1.0, 100, 1e-5)]
 
 
 @functools.cache
@@ -377,11 +370,7 @@ def test_compose_epsilon_rejects_bad_history(history):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "scripts.privacy", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-m", "scripts.privacy", *args], cwd=REPO, capture_output=True, text=True, timeout=120
     )
 
 
@@ -442,10 +431,7 @@ def test_cli_bad_argument_fails_cleanly():
     "argv,needle",
     [
         ("epsilon --sample_rate 0 --noise_multiplier 1 --steps 9 --delta 1e-5", "sample_rate"),
-        (
-            "epsilon --sample_rate 0.1 --noise_multiplier 1 --steps 9 --delta 1e-5 --accountant gdp",
-            "accountant",
-        ),
+        ("epsilon --sample_rate 0.1 --noise_multiplier 1 --steps 9 --delta 1e-5 --accountant gdp", "accountant"),
         (
             "noise --target_epsilon 0.005 --delta 1e-5 --sample_rate 0.01 --steps 100 --epsilon_tolerance 0.001",
             "target_epsilon",

@@ -26,9 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import Records, dp_settings, make_dp_stage, tiny_autoencoder
 from ignite.engine import Engine
-from torch import nn
-
 from scripts.errors import ConfigError, DataError
 from scripts.losses import AutoencoderKLLoss
 from scripts.privacy import ledger as ledger_module
@@ -39,8 +38,7 @@ from scripts.privacy.per_sample import MODES, clipped_grad_sum, resolve_grad_sam
 from scripts.privacy.unit_losses import AutoencoderUnitLoss
 from scripts.privacy.units import PrivacyUnits, poisson_loader, sample_rate
 from scripts.privacy.validation import validate_network
-
-from helpers import Records, dp_settings, make_dp_stage, tiny_autoencoder
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,10 +7,8 @@ import importlib.util
 from pathlib import Path
 
 import torch
-
-from scripts.networks import load_diffusion
-
 from helpers import stage_checkpoint_info, tiny_stage_networks
+from scripts.networks import load_diffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("privacy_utility", ROOT / "benchmarks" / "privacy_utility.py")

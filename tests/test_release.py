@@ -11,6 +11,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import shutil
 import threading
 import warnings
@@ -21,11 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from scripts.release import ReleaseError, main, release, sha256
-
 from conftest import ROOT
 from helpers import jittered, stage_checkpoint_info, tiny_stage_networks, write_privacy_report
+from scripts.release import ReleaseError, main, release, sha256
 
 SCHEDULE = {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1.0e-4, "beta_end": 7.0e-2}
 SCHEMA = ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
@@ -91,7 +90,7 @@ def test_release_layout_and_large_files(weights, tmp_path):
     summary = _release(weights, tmp_path / "dist", model=weights / "model.pt", report=weights / "privacy_report.json")
     dist = tmp_path / "dist"
     assert sorted(os.listdir(dist)) == sorted(
-        [ARCHIVE, "autoencoder.pt", "diffusion.pt", "model.pt", "privacy_report.json"]
+        [ARCHIVE, f"{ARCHIVE}.sha256", "autoencoder.pt", "diffusion.pt", "model.pt", "privacy_report.json"]
     )
     for f in ("autoencoder.pt", "diffusion.pt", "model.pt", "privacy_report.json"):
         assert (dist / f).read_bytes() == (weights / f).read_bytes()
@@ -139,11 +138,19 @@ def test_release_layout_and_large_files(weights, tmp_path):
 
 
 def test_public_weights_only_by_default(weights, tmp_path):
+    # without --model the public diffusion model is also models/model.pt (the Model Zoo checks require it)
     _release(weights, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == sorted([ARCHIVE, "autoencoder.pt", "diffusion.pt"])
+    files = [ARCHIVE, f"{ARCHIVE}.sha256", "autoencoder.pt", "diffusion.pt", "model.pt"]
+    assert sorted(os.listdir(tmp_path)) == sorted(files)
+    assert (tmp_path / "model.pt").read_bytes() == (weights / "diffusion.pt").read_bytes()
     with zipfile.ZipFile(tmp_path / ARCHIVE) as archive:
-        listing = yaml.safe_load(archive.read(f"{NAME}/large_files.yml"))
-    assert [e["path"] for e in listing["large_files"]] == ["models/autoencoder.pt", "models/diffusion.pt"]
+        text = archive.read(f"{NAME}/large_files.yml").decode()
+    listing = yaml.safe_load(text)
+    paths = ["models/autoencoder.pt", "models/diffusion.pt", "models/model.pt"]
+    assert [e["path"] for e in listing["large_files"]] == paths
+    assert "public data only: no differential-privacy guarantee is" in text and "privacy_report" not in text
+    # the archive's hash beside it, in sha256sum's format
+    assert (tmp_path / f"{ARCHIVE}.sha256").read_text() == f"{sha256(tmp_path / ARCHIVE)}  {ARCHIVE}\n"
 
 
 def test_strip_training_state_publishes_weights_only(weights, tmp_path):
@@ -185,7 +192,7 @@ def test_bad_input_is_refused_and_leaves_nothing(weights, tmp_path):
     out = tmp_path / "dist"
     _fails(
         r"--autoencoder: .*missing\.pt not found; it is produced by: python -m monai.bundle run training "
-        r"--config_file configs/train_autoencoder.yaml",
+        + re.escape("--config_file \"['configs/common.yaml','configs/train_autoencoder.yaml']\""),
         weights,
         out,
         autoencoder=tmp_path / "missing.pt",
@@ -338,7 +345,7 @@ def test_download_round_trip_and_model_zoo_checks(weights, file_server, bundle, 
         "run",
         "inference",
         "--config_file",
-        "configs/inference.yaml",
+        "['configs/common.yaml','configs/inference.yaml']",
         "--bundle_root",
         str(root),
         "--attributes_csv",

@@ -1,6 +1,6 @@
 """A differentially private model of the private cohort's subject-level attribute table.
 
-    python -m monai.bundle run training --config_file configs/dp_attributes.yaml
+    python -m monai.bundle run training --config_file "['configs/common.yaml','configs/dp_attributes.yaml']"
     python -m scripts.attribute_model sample --model models/attributes_dp.json --subjects N --out FILE.csv
 
 The model is a Gaussian copula (:mod:`.mechanism`): noisy per-column histograms (their missing bin

@@ -44,7 +44,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "sample":
             import numpy as np
-
             from scripts.attribute_model.model import read_model
             from scripts.attribute_model.sample import draw_subjects, subject_rows, write_rows
 

@@ -253,7 +253,8 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         lines += [f"- {label}: {_fmt(ev['headline'].get(k))}" for k, label in HEADLINE.items() if k in ev["headline"]]
     else:
         lines.append(
-            "Not evaluated yet (`python -m monai.bundle run evaluating --config_file configs/evaluate.yaml "
+            "Not evaluated yet (`python -m monai.bundle run evaluating "
+            "--config_file \"['configs/common.yaml','configs/evaluate.yaml']\" "
             "--synthetic_dir <this folder>` adds its headline numbers here)."
         )
     return "\n".join(lines) + "\n"

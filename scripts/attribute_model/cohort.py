@@ -1,6 +1,6 @@
 """Synthesis of a cohort (``configs/inference.yaml``): attribute rows from a CSV or drawn from the DP model.
 
-    python -m monai.bundle run inference --config_file configs/inference.yaml \\
+    python -m monai.bundle run inference --config_file "['configs/common.yaml','configs/inference.yaml']" \\
         --attributes_model models/attributes_dp.json --subjects N --output_dir DIR
 
 draws N subjects (an ED and an ES request each, the same image seed for both) and generates them;
@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
 from scripts.errors import ConfigError
 
 __all__ = ["attribute_provenance", "cohort_requests", "write_inference_card"]

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import ndtr, ndtri
-
 from scripts.attribute_model.table import DISCRETE, SubjectTable, column_range
 from scripts.errors import ConfigError
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from scripts.attribute_model.mechanism import Marginal
 from scripts.attribute_model.table import SUBJECT_COLUMNS
 from scripts.errors import DataError
@@ -132,7 +131,7 @@ def read_model(path: str) -> AttributeModel:
     except FileNotFoundError:
         raise DataError(
             f"{path}: attribute model not found; it is written by python -m monai.bundle run training "
-            "--config_file configs/dp_attributes.yaml"
+            "--config_file \"['configs/common.yaml','configs/dp_attributes.yaml']\""
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: not an attribute model ({type(err).__name__}: {err}); expected a JSON file") from None

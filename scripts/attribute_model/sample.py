@@ -13,7 +13,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-
 from scripts.attribute_model.mechanism import draw_scores, uniform_scores
 from scripts.attribute_model.model import AttributeModel
 from scripts.attributes import ATTRIBUTE_NAMES

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from scripts.attribute_model.mechanism import default_norm_bound, fit
 from scripts.attribute_model.model import METHOD, AttributeModel
 from scripts.attribute_model.table import SUBJECT_COLUMNS, SubjectTable, subject_table
@@ -131,6 +130,7 @@ class AttributeStage:
     def ledger(self, table: SubjectTable, prior: Sequence[Mapping[str, Any]]):
         from scripts.privacy.ledger import PrivacyLedger
 
+        norm_bound = self.s.norm_bound if self.s.norm_bound is not None else default_norm_bound(len(table.columns))
         settings = {
             "stage": self.s.stage,
             "dataset": self.s.datalist,
@@ -144,9 +144,7 @@ class AttributeStage:
             "columns": list(table.columns),
             "bins": self.s.bins,
             "marginal_share": self.s.marginal_share,
-            "norm_bound": self.s.norm_bound
-            if self.s.norm_bound is not None
-            else default_norm_bound(len(table.columns)),
+            "norm_bound": norm_bound,
         }
         return PrivacyLedger(
             settings, 1.0, 1, prior_stages=prior, path=self.s.ledger_path, noise_multiplier=self.s.noise_multiplier

@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.errors import ConfigError, DataError
 

@@ -1,6 +1,7 @@
 """Evaluation stage (``configs/evaluate.yaml``): fidelity, diversity, controllability and an empirical privacy audit.
 
-    python -m monai.bundle run evaluating --config_file configs/evaluate.yaml --synthetic_dir DIR
+    python -m monai.bundle run evaluating --config_file "['configs/common.yaml','configs/evaluate.yaml']" \\
+        --synthetic_dir DIR
 
 From Python, :func:`evaluate` returns the report dict (``report["headline"]`` holds the key
 numbers: ``lv_found_rate``, ``lvedv_pearson_r``, ``sweep_spearman_rho``, ``FD_seg3d_*``,

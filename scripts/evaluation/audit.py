@@ -29,9 +29,8 @@ import numpy as np
 import torch
 from monai.metrics import compute_roc_auc
 from monai.networks.schedulers import DDPMScheduler
-from torch import nn
-
 from scripts.evaluation.volumes import require
+from torch import nn
 
 FLAG_AUC = 0.8
 AUDIT_CAVEAT = (

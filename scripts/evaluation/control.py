@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
-
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.errors import DataError
 
@@ -297,12 +296,7 @@ def regenerate_sweep(
         ((rows x values, D, H, W) volumes, phases of the rows).
     """
     from scripts.files import sha256
-    from scripts.inference import (
-        Synthesizer,
-        load_matching_autoencoder,
-        load_model,
-        resolve_autoencoder_path,
-    )
+    from scripts.inference import Synthesizer, load_matching_autoencoder, load_model, resolve_autoencoder_path
     from scripts.sampling import build_scheduler
 
     model = model_path or meta["model"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from monai.metrics import MultiScaleSSIMMetric
-
 from scripts.evaluation.volumes import require
 
 DEFAULT_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # MONAI / Wang et al. 2003

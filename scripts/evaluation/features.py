@@ -18,9 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch import nn
-
 from scripts.errors import DataError, MissingInputError
+from torch import nn
 
 
 class FeatureExtractor:
@@ -57,11 +56,7 @@ class SegmenterFeatures(FeatureExtractor):
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> torch.Tensor:
-        from scripts.evaluation.segmenter import (
-            downsampling,
-            encoder_blocks,
-            pad_to_multiple,
-        )
+        from scripts.evaluation.segmenter import downsampling, encoder_blocks, pad_to_multiple
 
         levels: list[torch.Tensor] = []
         hooks = [

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from monai.metrics import FIDMetric, MMDMetric
-
 from scripts.evaluation.volumes import require
 
 MIN_SAMPLES = 2  # a covariance / the unbiased MMD needs two samples per set

@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
 from scripts.attributes import ATTRIBUTE_UNITS
 from scripts.files import atomic_path
 

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-
 from scripts.files import write_text_atomic
 
 logger = logging.getLogger(__name__)

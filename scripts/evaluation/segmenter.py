@@ -29,15 +29,16 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
     Transposed,
 )
-from torch import nn
-
 from scripts.data import SerialCacheDataset
 from scripts.errors import DataError, MissingInputError
 from scripts.phantom import LABELS, measure_attributes
+from torch import nn
 
 NUM_CLASSES = 4  # background, LV blood pool, LV myocardium, RV blood pool
 CLASS_NAMES = {LABELS["lv"]: "LV", LABELS["myo"]: "MYO", LABELS["rv"]: "RV"}
-SEGMENTER_STAGE = "python -m monai.bundle run training --config_file configs/train_segmenter.yaml"
+SEGMENTER_STAGE = (
+    "python -m monai.bundle run training --config_file \"['configs/common.yaml','configs/train_segmenter.yaml']\""
+)
 
 
 def build_segmenter(

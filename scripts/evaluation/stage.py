@@ -1,6 +1,7 @@
 """The evaluation stage: every metric of ``configs/evaluate.yaml`` in one call, :func:`evaluate`.
 
-    python -m monai.bundle run evaluating --config_file configs/evaluate.yaml --synthetic_dir DIR
+    python -m monai.bundle run evaluating --config_file "['configs/common.yaml','configs/evaluate.yaml']" \\
+        --synthetic_dir DIR
 
 From Python::
 
@@ -20,17 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.errors import DataError, MissingInputError
 from scripts.evaluation import audit, control, diversity, features, fidelity, segmenter
-from scripts.evaluation.volumes import (
-    MANIFEST,
-    VolumeSet,
-    check_spacing_compatible,
-    load_real,
-    load_synthetic,
-)
+from scripts.evaluation.volumes import MANIFEST, VolumeSet, check_spacing_compatible, load_real, load_synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +145,7 @@ def run_audit(
         (mia, control).
     """
     from scripts.data import get_dataset
-    from scripts.inference import (
-        load_matching_autoencoder,
-        load_model,
-        resolve_autoencoder_path,
-    )
+    from scripts.inference import load_matching_autoencoder, load_model, resolve_autoencoder_path
 
     network, info = load_model(model_path, device, weights, bundle_root)
     autoencoder = load_matching_autoencoder(resolve_autoencoder_path(None, info, model_path, bundle_root), info, device)
@@ -303,7 +293,9 @@ def evaluate(
     if audit_privacy and not os.path.isfile(model_path):
         raise MissingInputError(
             f"--model_path {model_path}: model weights not found (the privacy audit scores this model; it is written "
-            "by python -m monai.bundle run training --config_file configs/dp_finetune.yaml); pass the model file, "
+            "by python -m monai.bundle run training "
+            "--config_file \"['configs/common.yaml','configs/dp_finetune.yaml']\"); "
+            "pass the model file, "
             "or --audit_privacy False to skip the audit"
         )
     if sweep_dir:
@@ -396,9 +388,8 @@ def evaluate(
         report["diversity"]["public_train"] = diversity.pairwise_ms_ssim(
             public_train.images, ms_ssim_pairs, seed, ms_ssim_kernel, "public training set"
         )
-    report["diversity"]["method"] = (
-        "MONAI MultiScaleSSIMMetric, 2D in-plane per slice, averaged over slices; random pairs of distinct volumes"
-    )
+    method = "MONAI MultiScaleSSIMMetric, 2D in-plane per slice, averaged over slices; random pairs of distinct volumes"
+    report["diversity"]["method"] = method
     timer.lap("diversity")
 
     # -- sweep
@@ -484,6 +475,8 @@ def headline(report: Mapping[str, Any]) -> dict[str, Any]:
     mia = (report.get("privacy_audit") or {}).get("membership_inference") or {}
     control_run = (report.get("privacy_audit") or {}).get("positive_control") or {}
     div = report.get("diversity", {})
+    audit = report.get("privacy_audit")
+    near_copies = sum(m["near_copies"] for m in audit.get("memorisation", [])) if audit else None
     return {
         "FD_seg3d_real_vs_real": fd.get("real_vs_real", {}).get("FD_seg3d"),
         "FD_seg3d_real_vs_synthetic": fd.get("real_vs_synthetic", {}).get("FD_seg3d"),
@@ -506,9 +499,7 @@ def headline(report: Mapping[str, Any]) -> dict[str, Any]:
         "mia_auc": mia.get("auc"),
         "mia_auc_ci95": mia.get("auc_ci95"),
         "mia_tpr_at_1pct_fpr": mia.get("tpr_at_1pct_fpr"),
-        "near_copies": sum(m["near_copies"] for m in (report.get("privacy_audit") or {}).get("memorisation", []))
-        if report.get("privacy_audit")
-        else None,
+        "near_copies": near_copies,
         "positive_control_auc": control_run.get("auc"),
         "segmenter_dice_public_test": ((report.get("segmenter") or {}).get("accuracy", {}).get("public_test") or {})
         .get("dice", {})

@@ -22,7 +22,6 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import ResizeWithPadOrCrop, ScaleIntensityRangePercentiles
-
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.data import load_datalist
 from scripts.errors import DataError

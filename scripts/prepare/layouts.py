@@ -19,7 +19,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
 from scripts.errors import ConfigError, DataError
 
 __all__ = [
@@ -63,7 +62,7 @@ REASONS: dict[str, str] = {
 PHASES = ("ED", "ES")
 
 
-class Excluded(Exception):
+class Excluded(Exception):  # noqa: N818 (an outcome for a subject, reported, not a failure)
     """A subject that cannot be used; ``reason`` is a key of :data:`REASONS`."""
 
     def __init__(self, reason: str, detail: str) -> None:

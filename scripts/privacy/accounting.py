@@ -52,7 +52,6 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-
 from scripts.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -270,11 +269,7 @@ def _epsilon(history: list[tuple[float, float, int]], delta: float, accountant: 
 
 
 def compute_epsilon(
-    sample_rate: float,
-    noise_multiplier: float,
-    steps: int,
-    delta: float,
-    accountant: str = "prv",
+    sample_rate: float, noise_multiplier: float, steps: int, delta: float, accountant: str = "prv"
 ) -> float:
     """Epsilon spent by ``steps`` DP-SGD steps with Poisson sampling (an upper bound).
 
@@ -293,11 +288,7 @@ def compute_epsilon(
     Raises:
         ValueError: an argument is out of range.
     """
-    stage = (
-        _check_noise_multiplier(noise_multiplier),
-        _check_sample_rate(sample_rate),
-        _check_steps(steps),
-    )
+    stage = (_check_noise_multiplier(noise_multiplier), _check_sample_rate(sample_rate), _check_steps(steps))
     return _epsilon([stage], _check_delta(delta), _check_accountant(accountant))
 
 
@@ -499,11 +490,7 @@ def calibrate_noise_after(
 
 
 def _cli_epsilon(
-    sample_rate: float,
-    noise_multiplier: float,
-    steps: int,
-    delta: float,
-    accountant: str = "prv",
+    sample_rate: float, noise_multiplier: float, steps: int, delta: float, accountant: str = "prv"
 ) -> None:
     """Print the epsilon of a DP-SGD run as JSON.
 

@@ -49,10 +49,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
-
 from scripts.privacy import grad_norms
 from scripts.privacy.grad_norms import LayerGrads, process, unsupported_reason
+from torch import nn
 
 __all__ = ["bookkeeping_clipped_sum", "unsupported_layers"]
 

@@ -32,12 +32,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.overrides import TorchFunctionMode
-
 from scripts.errors import ConfigError
 from scripts.privacy.bookkeeping import unsupported_layers
 from scripts.privacy.per_sample import MODES, UnitLoss, clipped_grad_sum, resolve_grad_sample_mode
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
 __all__ = ["UnitClipper", "check_bookkeeping"]
 

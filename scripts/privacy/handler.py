@@ -34,8 +34,6 @@ from ignite import distributed as idist
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 from monai.utils import look_up_option
-from torch import nn
-
 from scripts.errors import ConfigError
 from scripts.files import remove_stale_temp
 from scripts.privacy.clipping import UnitClipper
@@ -44,6 +42,7 @@ from scripts.privacy.optimizers import UnitDistributedDPOptimizer, UnitDPOptimiz
 from scripts.privacy.per_sample import MODES
 from scripts.privacy.unit_losses import private_generator
 from scripts.privacy.validation import apply_scope, validate_network
+from torch import nn
 
 __all__ = ["DPTrainingHandler", "UntimedMLFlowHandler", "drop_log_times", "private_rng"]
 

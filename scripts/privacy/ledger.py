@@ -29,7 +29,6 @@ from typing import Any
 
 from ignite import distributed as idist
 from opacus.accountants import IAccountant
-
 from scripts.errors import ConfigError, DataError
 from scripts.files import sha256, write_text_atomic
 from scripts.privacy.accounting import calibrate_noise_after, compose_epsilon

@@ -66,9 +66,8 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from torch import nn
-
 from scripts.privacy.bookkeeping import bookkeeping_clipped_sum, unsupported_layers
+from torch import nn
 
 logger = logging.getLogger(__name__)
 

@@ -15,10 +15,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
-
 from scripts.engines import LatentDiffusionPrepareBatch, make_condition
 from scripts.errors import ConfigError
+from torch import nn
 
 __all__ = ["LatentDiffusionUnitLoss", "AutoencoderUnitLoss", "private_generator"]
 

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from ignite import distributed as idist
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
 from scripts.errors import ConfigError, DataError
 
 __all__ = ["UNITS", "PrivacyUnits", "DistributedPoissonSampler", "poisson_loader", "rank_seed", "sample_rate"]

@@ -6,11 +6,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from opacus.validators import ModuleValidator
+from scripts.errors import ConfigError
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
-
-from scripts.errors import ConfigError
 
 __all__ = ["SCOPES", "validate_network", "apply_scope", "refuse_private_loss_logging"]
 
