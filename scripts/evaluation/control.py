@@ -296,6 +296,38 @@ def regenerate_sweep(
     Returns:
         ((rows x values, D, H, W) volumes, phases of the rows).
     """
+    synth = synthesizer_for(meta, path, model_path, attribute_ranges, device, bundle_root)
+    conditions, phases = sweep_conditions(meta)
+    from tqdm import tqdm
+
+    volumes = [
+        synth(conditions[i : i + batch_size], [int(meta["seed"])] * len(conditions[i : i + batch_size]))
+        for i in tqdm(
+            range(0, len(conditions), batch_size), desc=f"re-generating sweep {meta['attribute']}", unit="batch"
+        )
+    ]
+    return np.concatenate(volumes), phases
+
+
+def synthesizer_for(
+    meta: Mapping[str, Any],
+    path: str,
+    model_path: str | None,
+    attribute_ranges: Mapping[str, Sequence[float]],
+    device: str = "cpu",
+    bundle_root: str = ".",
+):
+    """The ``scripts.inference.Synthesizer`` a sidecar or sweep JSON records (model, sampler, steps, guidance, weights).
+
+    Args:
+        meta: the JSON (``model``, ``sampler``, ``steps``, optional ``model_sha256``, ``autoencoder``,
+            ``guidance_scale``, ``weights``).
+        path: its path (for messages).
+        model_path: the model to use (None: the one the JSON names); its SHA-256 must match.
+        attribute_ranges: reference ranges (as for sampling).
+        device: device.
+        bundle_root: bundle root for relative paths.
+    """
     from scripts.files import sha256
     from scripts.inference import (
         Synthesizer,
@@ -310,8 +342,8 @@ def regenerate_sweep(
         model = os.path.join(bundle_root, model)
     if meta.get("model_sha256") and os.path.isfile(model) and sha256(model) != meta["model_sha256"]:
         raise DataError(
-            f"{path}: the sweep was made with model sha256 {meta['model_sha256'][:16]}..., but {model} differs; "
-            "pass --model_path with the file the sweep was made with"
+            f"{path}: it was made with model sha256 {meta['model_sha256'][:16]}..., but {model} differs; "
+            "pass --model_path with the file it was made with"
         )
     network, info = load_model(model, device, meta.get("weights", "ema"), bundle_root)
     stored = meta.get("autoencoder")
@@ -320,16 +352,6 @@ def regenerate_sweep(
     autoencoder = load_matching_autoencoder(resolve_autoencoder_path(stored, info, model, bundle_root), info, device)
     steps = None if meta["sampler"] == "ddpm" else int(meta["steps"])
     scheduler = build_scheduler(meta["sampler"], info["scheduler"], steps)
-    synth = Synthesizer(
+    return Synthesizer(
         autoencoder, network, scheduler, info["latent_shape"], attribute_ranges, meta.get("guidance_scale"), device
     )
-    conditions, phases = sweep_conditions(meta)
-    from tqdm import tqdm
-
-    volumes = [
-        synth(conditions[i : i + batch_size], [int(meta["seed"])] * len(conditions[i : i + batch_size]))
-        for i in tqdm(
-            range(0, len(conditions), batch_size), desc=f"re-generating sweep {meta['attribute']}", unit="batch"
-        )
-    ]
-    return np.concatenate(volumes), phases

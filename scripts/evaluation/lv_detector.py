@@ -12,7 +12,7 @@ to any data set:
    just outside it is dark, the band is much darker than the component, and the edge is sharp
    (a blurred blob fades out instead);
 3. candidates are tracked through the slices (centroid continuity); the LV is found when a
-   track covers at least ``min_slices`` consecutive slices, and its blood-pool volume is the
+   track covers at least ``min_slices`` consecutive slices and ``min_volume_ml``, and its blood-pool volume is the
    sum of the tracked components' areas times the slice thickness.
 
 Volumes are in network layout (D, H, W) = (slices, X, Y), as ``scripts.evaluation.volumes``
@@ -51,6 +51,8 @@ class DetectorSettings:
             above it (a sharp blood-myocardium edge is near 1, a blurred blob much lower).
         max_shift_mm: largest centroid shift between neighbouring slices of a track.
         min_slices: shortest track that counts as an LV.
+        min_volume_ml: smallest blood pool that counts (the segmenter's "LV found" uses the same
+            5 ml); a texture's small round specks can line up over a few slices.
         tube_min_slices, tube_max_variation: a track of at least this many slices whose area
             varies less than this (std / mean) is a vessel (the descending aorta), not an LV.
     """
@@ -66,6 +68,7 @@ class DetectorSettings:
     min_edge_sharpness: float = 0.42
     max_shift_mm: float = 12.0
     min_slices: int = 3
+    min_volume_ml: float = 5.0
     tube_min_slices: int = 5
     tube_max_variation: float = 0.1
 
@@ -261,13 +264,20 @@ def detect_lv(volume: np.ndarray, spacing: Sequence[float], settings: DetectorSe
         return LVDetection(found=False, volume_ml=0.0)
     # the LV is the longest track (the atria above the base span fewer slices), then the widest;
     # a tube of constant cross-section (the descending aorta) is not a tapering ventricle
-    tracks = [tr for tr in tracks if len(tr) >= s.min_slices and not _is_tube([c["area"] for _, c in tr], s)]
+    voxel_ml = sx * sy * sz / 1000.0
+    tracks = [
+        tr
+        for tr in tracks
+        if len(tr) >= s.min_slices
+        and sum(c["area"] for _, c in tr) * voxel_ml >= s.min_volume_ml
+        and not _is_tube([c["area"] for _, c in tr], s)
+    ]
     if not tracks:
         return LVDetection(found=False, volume_ml=0.0)
     best = max(tracks, key=lambda tr: (len(tr), max(c["area"] for _, c in tr)))
     return LVDetection(
         found=True,
-        volume_ml=float(sum(c["area"] for _, c in best)) * sx * sy * sz / 1000.0,
+        volume_ml=float(sum(c["area"] for _, c in best)) * voxel_ml,
         slices=[z for z, _ in best],
         centroids=[tuple(float(v) for v in c["centroid"]) for _, c in best],
     )
