@@ -46,7 +46,8 @@ class ReconstructionSettings:
             cohort's test split: the data owner's choice, not covered by epsilon).
         autoencoder_path: the autoencoder to measure; None: the one the diffusion model
             (``model_path``) was trained with.
-        output_dir: where the NIfTI files and ``manifest.csv`` go; None: ``<output_dir>/reconstructions``.
+        output_dir: where the NIfTI files and ``manifest.csv`` go; None: ``reconstructions/`` in the
+            stage's output folder (``eval/``).
         ssim_kernel: SSIM window (2D, in-plane, per slice; Gaussian, sigma 1.5: the standard SSIM).
     """
 
@@ -61,7 +62,12 @@ class ReconstructionSettings:
             raise ConfigError(
                 f"config field 'reconstruction#split': expected one of {list(SPLITS)}, got {self.split!r}"
             )
-        if isinstance(self.ssim_kernel, bool) or not isinstance(self.ssim_kernel, int) or self.ssim_kernel < 3:
+        if (
+            isinstance(self.ssim_kernel, bool)
+            or not isinstance(self.ssim_kernel, int)
+            or self.ssim_kernel < 3
+            or self.ssim_kernel % 2 == 0
+        ):
             raise ConfigError(
                 f"config field 'reconstruction#ssim_kernel': expected an odd integer >= 3, got {self.ssim_kernel!r}"
             )

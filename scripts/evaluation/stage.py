@@ -462,7 +462,8 @@ def evaluate(
                 autoencoder,
                 seg_accuracy if real.labels is not None else None,
                 reconstruction,
-                reconstruction.output_dir or os.path.join(plots_dir or ".", "reconstructions"),
+                reconstruction.output_dir
+                or os.path.join(plots_dir or os.path.join(bundle_root, "eval"), "reconstructions"),
                 device,
                 batch_size,
             )
