@@ -482,3 +482,52 @@ def test_bundle_run_with_bad_input_exits_non_zero(tmp_path, bundle):
     )  # fmt: skip
     assert proc.returncode != 0
     assert "--synthetic_dir" in proc.stderr and "no manifest.csv" in proc.stderr
+
+
+def test_every_check_fails_on_a_broken_model(trained_segmenter, synthetic_runs, cohorts, tmp_path):
+    """Reconstruction and ladders of a model with random weights: every demo check FAILS, while the
+    instruments still see the LV in the originals (the failures are the model's, not a blind instrument's)."""
+    from scripts.evaluation import LadderSettings, ReconstructionSettings, evaluate
+    from scripts.summary import DEMO_CHECKS, checks
+
+    synthetic, _, model_path = synthetic_runs
+    report = evaluate(
+        str(synthetic),
+        str(cohorts["private"] / "datalist.json"),
+        str(cohorts["public"] / "datalist.json"),
+        str(trained_segmenter),
+        model_path=model_path,
+        audit_privacy=False,
+        ms_ssim_pairs=3,
+        plots_dir=None,
+        reconstruction=ReconstructionSettings(split="private", output_dir=str(tmp_path / "reconstructions")),
+        ladders=LadderSettings(lvedv=(80, 180, 280), lvef=(30, 70), seeds=(0, 1), esed_seeds=(0, 1)),
+    )
+    rec = report["reconstruction"]
+    assert rec["split"] == "private" and "not covered by epsilon" in rec["note"]
+    # the files: one NIfTI per test record with its original's geometry, and the manifest
+    with open(rec["manifest"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == [v["id"] for v in rec["per_volume"]] and len(rows) == rec["n"] == 2
+    for row in rows:
+        original, written = nib.load(row["image"]), nib.load(row["reconstruction"])
+        assert written.shape == original.shape and np.allclose(written.affine, original.affine)
+    # the instruments see the originals ...
+    assert rec["classical_detector"]["originals"]["lv_found_rate"] == 1.0
+    assert rec["contrast"]["original_median"] > 0.3
+    # ... and a random decoder fails every target
+    h = report["headline"]
+    assert h["recon_psnr_db"] < 24 and h["recon_ssim"] < 0.8 and h["recon_classical_lv_found"] == 0.0
+    assert h["recon_segmenter_dice"] < h["recon_segmenter_dice_originals"]
+    lad = report["ladders"]
+    assert set(lad) >= {"LVEDV", "LVEF", "ESED"} and len(lad["LVEDV"]["segmenter"]["measured_ml"]) == 6
+    assert set(lad["LVEDV"]["classical"]["spearman_rho_per_seed"]) == {"0", "1"}
+    assert h["ladder_lvedv_lv_found_classical"] == 0.0 and h["classical_lv_found_rate"] == 0.0
+    dp = tmp_path / "report.json"
+    dp.write_text(json.dumps({"headline": h}))
+    public = tmp_path / "public.json"
+    public.write_text(json.dumps({"headline": h}))
+    lines = checks(str(public), str(dp)).splitlines()[1 : 1 + len(DEMO_CHECKS)]
+    assert len(lines) == len(DEMO_CHECKS)
+    passed = [line for line in lines if not line.endswith("FAIL")]
+    assert not passed, passed

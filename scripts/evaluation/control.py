@@ -295,28 +295,7 @@ def regenerate_sweep(
     Returns:
         ((rows x values, D, H, W) volumes, phases of the rows).
     """
-    from scripts.files import sha256
-    from scripts.inference import Synthesizer, load_matching_autoencoder, load_model, resolve_autoencoder_path
-    from scripts.sampling import build_scheduler
-
-    model = model_path or meta["model"]
-    if not os.path.isabs(model) and not os.path.isfile(model):
-        model = os.path.join(bundle_root, model)
-    if meta.get("model_sha256") and os.path.isfile(model) and sha256(model) != meta["model_sha256"]:
-        raise DataError(
-            f"{path}: the sweep was made with model sha256 {meta['model_sha256'][:16]}..., but {model} differs; "
-            "pass --model_path with the file the sweep was made with"
-        )
-    network, info = load_model(model, device, meta.get("weights", "ema"), bundle_root)
-    stored = meta.get("autoencoder")
-    if stored and not os.path.isabs(stored) and not os.path.isfile(stored):
-        stored = os.path.join(bundle_root, stored)  # the sweep ran from the bundle root
-    autoencoder = load_matching_autoencoder(resolve_autoencoder_path(stored, info, model, bundle_root), info, device)
-    steps = None if meta["sampler"] == "ddpm" else int(meta["steps"])
-    scheduler = build_scheduler(meta["sampler"], info["scheduler"], steps)
-    synth = Synthesizer(
-        autoencoder, network, scheduler, info["latent_shape"], attribute_ranges, meta.get("guidance_scale"), device
-    )
+    synth = synthesizer_for(meta, path, model_path, attribute_ranges, device, bundle_root)
     conditions, phases = sweep_conditions(meta)
     from tqdm import tqdm
 
@@ -327,3 +306,46 @@ def regenerate_sweep(
         )
     ]
     return np.concatenate(volumes), phases
+
+
+def synthesizer_for(
+    meta: Mapping[str, Any],
+    path: str,
+    model_path: str | None,
+    attribute_ranges: Mapping[str, Sequence[float]],
+    device: str = "cpu",
+    bundle_root: str = ".",
+):
+    """The ``scripts.inference.Synthesizer`` a sidecar or sweep JSON records (model, sampler, steps, guidance, weights).
+
+    Args:
+        meta: the JSON (``model``, ``sampler``, ``steps``, optional ``model_sha256``, ``autoencoder``,
+            ``guidance_scale``, ``weights``).
+        path: its path (for messages).
+        model_path: the model to use (None: the one the JSON names); its SHA-256 must match.
+        attribute_ranges: reference ranges (as for sampling).
+        device: device.
+        bundle_root: bundle root for relative paths.
+    """
+    from scripts.files import sha256
+    from scripts.inference import Synthesizer, load_matching_autoencoder, load_model, resolve_autoencoder_path
+    from scripts.sampling import build_scheduler
+
+    model = model_path or meta["model"]
+    if not os.path.isabs(model) and not os.path.isfile(model):
+        model = os.path.join(bundle_root, model)
+    if meta.get("model_sha256") and os.path.isfile(model) and sha256(model) != meta["model_sha256"]:
+        raise DataError(
+            f"{path}: it was made with model sha256 {meta['model_sha256'][:16]}..., but {model} differs; "
+            "pass --model_path with the file it was made with"
+        )
+    network, info = load_model(model, device, meta.get("weights", "ema"), bundle_root)
+    stored = meta.get("autoencoder")
+    if stored and not os.path.isabs(stored) and not os.path.isfile(stored):
+        stored = os.path.join(bundle_root, stored)  # the sweep ran from the bundle root
+    autoencoder = load_matching_autoencoder(resolve_autoencoder_path(stored, info, model, bundle_root), info, device)
+    steps = None if meta["sampler"] == "ddpm" else int(meta["steps"])
+    scheduler = build_scheduler(meta["sampler"], info["scheduler"], steps)
+    return Synthesizer(
+        autoencoder, network, scheduler, info["latent_shape"], attribute_ranges, meta.get("guidance_scale"), device
+    )

@@ -79,6 +79,7 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"| {name} | {acc['n']} | {_fmt(d['LV'])} | {_fmt(d['MYO'])} | {_fmt(d['RV'])} | {_fmt(d['mean'])} | "
             f"{_fmt(v['LV'])} / {_fmt(v['MYO'])} / {_fmt(v['RV'])} |"
         )
+    lines += _instrument_lines(report)
     lines += [
         "",
         "## Fidelity (Fréchet distance, MMD)",
@@ -122,6 +123,19 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"ES/ED accuracy: {_fmt(p['accuracy'])} (n = {p['n']}); ED/ES pair accuracy {_fmt(p['pair_accuracy'])} "
         f"({p['pairs']} pairs). Method: {p['method']}.",
     ]
+    k = c.get("classical")
+    if k:
+        lines += [
+            "",
+            f"Classical detector (no learned parameters): LV found {k['lv_found']} / {k['n']} "
+            f"({_fmt(k['lv_found_rate'])}); "
+            + "; ".join(
+                f"{name} r {_fmt(v['pearson_r'])}, rho {_fmt(v['spearman_rho'])} (n = {v['n']})"
+                for name, v in k["attributes"].items()
+            )
+            + ".",
+        ]
+    lines += _ladder_lines(report.get("ladders"))
     for s in report.get("sweeps", []):
         lines += [
             "",
@@ -132,6 +146,12 @@ def markdown(report: Mapping[str, Any]) -> str:
                 f"Spearman rho {_fmt(s.get('spearman_rho'))} (n = {s.get('n')}). {s.get('note', '')}"
             ),
         ]
+        if s.get("classical"):
+            k = s["classical"]
+            lines.append(
+                f"Classical detector: LV volume {_fmt(k['lv_volume_ml'])} ml, LV found {_fmt(k['lv_found_rate'])}, "
+                f"Spearman rho {_fmt(k['spearman_rho'])}."
+            )
     a = report.get("privacy_audit")
     lines += ["", "## Privacy audit (empirical; computed on private records, not covered by epsilon)", ""]
     if a:
@@ -166,6 +186,67 @@ def markdown(report: Mapping[str, Any]) -> str:
     for name, path in (report.get("figures") or {}).items():
         lines += ["", f"![{name}]({os.path.basename(path)})"]
     return "\n".join(lines) + "\n"
+
+
+def _instrument_lines(report: Mapping[str, Any]) -> list[str]:
+    """The classical detector beside the segmenter on held-out real volumes, then the reconstruction section."""
+    lines = ["", "Classical LV detector on the same volumes (no learned parameters):", ""]
+    lines += ["| set | n | LV found | volume r vs labels | volume MAE (ml) |", "|---|---|---|---|---|"]
+    for name, d in (report.get("classical_detector") or {}).items():
+        lines.append(
+            f"| {name} | {d['n']} | {_fmt(d['lv_found_rate'])} | {_fmt(d.get('lv_volume_pearson_r'))} | "
+            f"{_fmt(d.get('lv_volume_mae_ml'))} |"
+        )
+    rec = report.get("reconstruction")
+    if not rec:
+        return lines
+    lines += ["", "## Reconstruction (autoencoder fidelity on a held-out test split)", ""]
+    if "skipped" in rec:
+        return lines + [f"Skipped: {rec['skipped']}."]
+    lines += [
+        f"{rec['set']} ({rec['n']} volumes), autoencoder `{rec.get('autoencoder')}`; files listed in "
+        f"`{rec['manifest']}`. {rec.get('note', '')}",
+        "",
+        f"Median PSNR {_fmt(rec['psnr_db_median'])} dB, SSIM {_fmt(rec['ssim_median'])}. {rec['method']}.",
+    ]
+    if rec.get("contrast"):
+        c = rec["contrast"]
+        lines.append(
+            f"Blood-pool / myocardium contrast: original {_fmt(c['original_median'])}, reconstruction "
+            f"{_fmt(c['reconstruction_median'])}, ratio {_fmt(c['ratio_median'])} ({c['definition']})."
+        )
+    lines += ["", "| instrument | on | LV found | LV volume r vs labels | Dice mean |", "|---|---|---|---|---|"]
+    for on in ("originals", "reconstructions"):
+        d = rec["classical_detector"][on]
+        lines.append(f"| classical | {on} | {_fmt(d['lv_found_rate'])} | {_fmt(d.get('lv_volume_pearson_r'))} | |")
+    for on, acc in (rec.get("segmenter") or {}).items():
+        lines.append(f"| segmenter | {on} | | {_fmt(acc.get('lv_volume_pearson_r'))} | {_fmt(acc['dice']['mean'])} |")
+    return lines
+
+
+def _ladder_lines(ladders: Mapping[str, Any] | None) -> list[str]:
+    """The single-attribute ladders, both instruments."""
+    if not ladders:
+        return []
+    lines = ["", "### Single-attribute ladders", ""]
+    if "skipped" in ladders:
+        return lines + [f"Skipped: {ladders['skipped']}."]
+    lines += [f"{ladders['method']}; given {ladders['given']}; sampler {ladders.get('sampler')}.", ""]
+    lines += [
+        "| ladder | instrument | LV found | rho pooled | rho per seed | ED/ES accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("LVEDV", "LVEF", "ESED"):
+        lad = ladders.get(name)
+        if not lad:
+            continue
+        for inst in ("segmenter", "classical"):
+            r = lad[inst]
+            lines.append(
+                f"| {name} | {inst} | {_fmt(r['lv_found_rate'])} | {_fmt(r.get('spearman_rho_pooled'))} | "
+                f"{_fmt(list((r.get('spearman_rho_per_seed') or {}).values()))} | {_fmt(r.get('ed_es_accuracy'))} |"
+            )
+    return lines
 
 
 def write_report(report: Mapping[str, Any], output_dir: str, name: str = "report") -> tuple[str, str]:
@@ -266,6 +347,15 @@ def headline_text(report: Mapping[str, Any], json_path: str) -> str:
                 f"MAE {_fmt(h['lvedv_mae_ml'])} ml), ES/ED accuracy {_fmt(h['phase_accuracy'])}, "
                 f"sweep Spearman rho {_fmt(h['sweep_spearman_rho'])}"
             ),
+            f"  classical detector: LV found {_fmt(h.get('classical_lv_found_rate'))}, "
+            f"LVEDV Pearson r {_fmt(h.get('classical_lvedv_pearson_r'))}",
+            f"  reconstruction ({h.get('recon_split') or 'not run'} test): PSNR {_fmt(h.get('recon_psnr_db'))} dB, "
+            f"SSIM {_fmt(h.get('recon_ssim'))}, contrast ratio {_fmt(h.get('recon_contrast_ratio'))}, "
+            f"classical LV found {_fmt(h.get('recon_classical_lv_found_originals'))} (originals) / "
+            f"{_fmt(h.get('recon_classical_lv_found'))}",
+            f"  ladders: LVEDV alone rho {_fmt(h.get('ladder_lvedv_rho_segmenter'))} (segmenter) / "
+            f"{_fmt(h.get('ladder_lvedv_rho_classical'))} (classical), ESED alone ED/ES accuracy "
+            f"{_fmt(h.get('ladder_esed_accuracy_segmenter'))} / {_fmt(h.get('ladder_esed_accuracy_classical'))}",
             f"  segmenter Dice on public test {_fmt(h['segmenter_dice_public_test'])}",
             f"  diversity MS-SSIM: synthetic {_fmt(h['ms_ssim_synthetic'])}, real {_fmt(h['ms_ssim_real'])}",
             f"  privacy audit: MIA AUC {_fmt(h['mia_auc'])} {_fmt(h['mia_auc_ci95'])}, "

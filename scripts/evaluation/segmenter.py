@@ -312,7 +312,17 @@ def accuracy(predicted: np.ndarray, truth: np.ndarray, spacing: np.ndarray) -> d
     names = [CLASS_NAMES[c] for c in sorted(CLASS_NAMES)]
     out = {name: float(d) for name, d in zip(names, dice)}
     out["mean"] = float(np.nanmean(dice))
-    return {"n": len(predicted), "dice": out, "volume_mae_ml": mae, "volume_rel_error": rel}
+    lv_m, lv_r = np.array([x["LV_VOLUME"] for x in measured]), np.array([x["LV_VOLUME"] for x in reference])
+    lv_r_value = (
+        float(np.corrcoef(lv_m, lv_r)[0, 1]) if len(lv_m) >= 3 and np.ptp(lv_m) > 0 and np.ptp(lv_r) > 0 else None
+    )
+    return {
+        "n": len(predicted),
+        "dice": out,
+        "volume_mae_ml": mae,
+        "volume_rel_error": rel,
+        "lv_volume_pearson_r": lv_r_value,
+    }
 
 
 def checkpoint_info(spatial_size: Sequence[int], datalist: str, network_def: nn.Module) -> Mapping[str, Any]:

@@ -24,7 +24,17 @@ import torch
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.errors import DataError, MissingInputError
 from scripts.evaluation import audit, control, diversity, features, fidelity, segmenter
-from scripts.evaluation.volumes import MANIFEST, VolumeSet, check_spacing_compatible, load_real, load_synthetic
+from scripts.evaluation.ladders import LadderSettings, run_ladders
+from scripts.evaluation.lv_detector import detect_many
+from scripts.evaluation.reconstruction import ReconstructionSettings, detector_summary, evaluate_reconstruction
+from scripts.evaluation.volumes import (
+    MANIFEST,
+    VolumeSet,
+    check_spacing_compatible,
+    load_real,
+    load_synthetic,
+    to_network_layout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +206,55 @@ def run_audit(
     return mia, ctrl
 
 
+def _autoencoder_for(
+    settings: ReconstructionSettings, model_path: str | None, device: str, bundle_root: str
+) -> tuple[torch.nn.Module | None, str | None]:
+    """The autoencoder the reconstruction section measures: the settings' file, else the one ``model_path`` names."""
+    from scripts.inference import load_matching_autoencoder, load_model, resolve_autoencoder_path
+    from scripts.networks import load_autoencoder
+
+    if settings.autoencoder_path:
+        return load_autoencoder(settings.autoencoder_path, device), settings.autoencoder_path
+    if not model_path or not os.path.isfile(model_path):
+        return None, None
+    _, info = load_model(model_path, device, "ema", bundle_root)
+    path = resolve_autoencoder_path(None, info, model_path, bundle_root)
+    return load_matching_autoencoder(path, info, device), path
+
+
+def _first_sidecar(candidates: VolumeSet) -> tuple[dict | None, str | None]:
+    """The JSON sidecar of the first synthetic volume (its sampler, model and weights), if it has one."""
+    import json
+
+    if not candidates.files or candidates.seeds[0] is None:
+        return None, None
+    path = candidates.files[0].removesuffix(".nii.gz") + ".json"
+    if not os.path.isfile(path):
+        return None, None
+    with open(path) as f:
+        return json.load(f), path
+
+
+def _classical(candidates: VolumeSet, detections: Sequence[Any]) -> dict[str, Any]:
+    """The classical detector on the candidate set: LV found, and its volume against the requested LVEDV / LVESV."""
+    out: dict[str, Any] = {
+        "n": len(detections),
+        "lv_found": int(sum(d.found for d in detections)),
+        "lv_found_rate": float(np.mean([d.found for d in detections])) if detections else None,
+        "lv_found_definition": "a round bright component enclosed by a dark, sharp ring, tracked over >= 3 slices "
+        "(scripts/evaluation/lv_detector.py; no learned parameters)",
+        "attributes": {},
+    }
+    for name in ("LVEDV", "LVESV"):
+        phase, _ = control.MEASURABLE[name]
+        col = ATTRIBUTE_NAMES.index(name)
+        keep = [i for i, v in enumerate(candidates.attributes) if np.isfinite(v[col]) and v[control.ESED] == phase]
+        out["attributes"][name] = control.correlation(
+            [candidates.attributes[i, col] for i in keep], [detections[i].volume_ml for i in keep]
+        )
+    return out
+
+
 def evaluate(
     synthetic_dir: str,
     real_datalist: str,
@@ -227,6 +286,9 @@ def evaluate(
     bundle_root: str = ".",
     plots_dir: str | None = None,
     weights: str = "ema",
+    *,
+    reconstruction: ReconstructionSettings | None = None,
+    ladders: LadderSettings | None = None,
 ) -> dict[str, Any]:
     """Evaluate a synthetic set: fidelity, diversity, controllability, sweep and privacy audit.
 
@@ -264,6 +326,9 @@ def evaluate(
         plots_dir: folder for the PNG figures; None draws none.
         weights: the weights of ``model_path`` the audit scores, ``ema`` or ``network``: those the
             synthetic set was sampled with (its sidecars' ``weights``).
+        reconstruction: the ``reconstruction`` section (autoencoder fidelity on a test split);
+            None skips it.
+        ladders: the single-attribute ladders (sampled from ``model_path``); None skips them.
 
     Returns:
         the report dict (``headline`` holds the key numbers; see docs/README.md, "Evaluation").
@@ -300,6 +365,10 @@ def evaluate(
         )
     if sweep_dir:
         sweeps_meta = control.read_sweep(sweep_dir)
+    autoencoder = autoencoder_path = None
+    if reconstruction is not None and reconstruction.enabled:
+        autoencoder, autoencoder_path = _autoencoder_for(reconstruction, model_path, device, bundle_root)
+    sidecar, sidecar_path = _first_sidecar(candidates)
     net, seg_info = segmenter.load_segmenter(segmenter_path, device)
     extractors = features.build_extractors(
         net, inception_weights, feature_3d_weights, feature_3d_name, inception_slices, device
@@ -333,6 +402,14 @@ def evaluate(
     if "private_test" in acc:
         acc["private_test"]["note"] = "computed on private records: not covered by epsilon"
     report["segmenter"]["accuracy"] = acc
+    # ... and the classical detector beside it, on the same volumes
+    report["classical_detector"] = {
+        name: detector_summary(real.images, real.spacing, real.labels)
+        for name, real in (("public_test", public_test), ("private_test", reference))
+        if real is not None
+    }
+    if "private_test" in report["classical_detector"]:
+        report["classical_detector"]["private_test"]["note"] = "computed on private records: not covered by epsilon"
     timer.lap("segmenter accuracy")
 
     # -- controllability
@@ -348,16 +425,48 @@ def evaluate(
         )
         ctrl["phase"]["pairs"] = len(pairs)
     scatter = ctrl.pop("scatter")
+    detections = detect_many(candidates.images, candidates.spacing)
+    ctrl["classical"] = _classical(candidates, detections)
     ctrl["per_volume"] = [
         {
             "id": i,
             "lv_found": control.lv_found(m, min_lv_ml),
             **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()},
+            "classical_lv_found": d.found,
+            "classical_lv_volume_ml": d.volume_ml,
         }
-        for i, m in zip(candidates.ids, measurements)
+        for i, m, d in zip(candidates.ids, measurements, detections)
     ]
     report["controllability"] = ctrl
     timer.lap("controllability")
+
+    # -- autoencoder fidelity on a test split
+    report["reconstruction"] = None
+    if reconstruction is not None and reconstruction.enabled:
+        real = public_test if reconstruction.split == "public" else reference
+        if autoencoder is None or real is None:
+            report["reconstruction"] = {
+                "skipped": "no autoencoder (give --model_path or --reconstruction#autoencoder_path)"
+                if autoencoder is None
+                else "no public cohort (give --public_datalist, or --reconstruction#split private)"
+            }
+        else:
+
+            def seg_accuracy(images: np.ndarray) -> dict[str, Any]:
+                return segmenter.accuracy(segmenter.segment(net, images, device, batch_size), real.labels, real.spacing)
+
+            report["reconstruction"] = evaluate_reconstruction(
+                real,
+                autoencoder,
+                seg_accuracy if real.labels is not None else None,
+                reconstruction,
+                reconstruction.output_dir
+                or os.path.join(plots_dir or os.path.join(bundle_root, "eval"), "reconstructions"),
+                device,
+                batch_size,
+            )
+            report["reconstruction"]["autoencoder"] = autoencoder_path
+        timer.lap("reconstruction")
 
     # -- fidelity
     sets = {"synthetic": candidates.images, "private_test": reference.images}
@@ -400,14 +509,53 @@ def evaluate(
                 meta, path, model_path, attribute_ranges, device, batch_size, bundle_root
             )
             spacing = np.tile(np.asarray(meta.get("spacing_mm", candidates.spacing[0]), dtype=float), (len(volumes), 1))
-            from scripts.evaluation.volumes import to_network_layout
-
             vols = np.stack([to_network_layout(np.transpose(v, (1, 2, 0)), size) for v in volumes])
             m = segmenter.measure(segmenter.segment(net, vols, device, batch_size), spacing)
             result = control.sweep_statistics(meta, phases, m)
             result["file"] = path
+            found = detect_many(vols, spacing)
+            result["classical"] = control.sweep_statistics(
+                meta, phases, [{**x, "LV_VOLUME": d.volume_ml} for x, d in zip(m, found)]
+            )
+            result["classical"] = {
+                "lv_volume_ml": result["classical"]["lv_volume_ml"],
+                "lv_found_rate": float(np.mean([d.found for d in found])),
+                "spearman_rho": result["classical"]["spearman_rho"]
+                if result.get("measured_quantity") == "LV_VOLUME" or meta["attribute"] == "LVEF"
+                else None,
+            }
             report["sweeps"].append(result)
         timer.lap("sweep")
+
+    # -- single-attribute ladders
+    report["ladders"] = None
+    if ladders is not None and ladders.enabled:
+        if model_path is None or not os.path.isfile(model_path) or sidecar is None:
+            report["ladders"] = {
+                "skipped": "needs --model_path and a synthetic set with sidecars (its sampler, steps and guidance)"
+            }
+        else:
+            synth = control.synthesizer_for(sidecar, sidecar_path, model_path, attribute_ranges, device, bundle_root)
+
+            def measure_volumes(volumes: np.ndarray, spacing: np.ndarray) -> list[dict[str, float]]:
+                return segmenter.measure(segmenter.segment(net, volumes, device, batch_size), spacing)
+
+            def synthesize(values: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
+                # through the same layout and scaling as a written and re-read sample
+                return np.stack([to_network_layout(np.transpose(v, (1, 2, 0)), size) for v in synth(values, seeds)])
+
+            report["ladders"] = run_ladders(
+                ladders,
+                synthesize,
+                measure_volumes,
+                candidates.spacing[0],
+                lambda m: control.lv_found(m, min_lv_ml),
+                batch_size,
+            )
+            report["ladders"]["sampler"] = {
+                k: sidecar.get(k) for k in ("sampler", "steps", "guidance_scale", "weights")
+            }
+        timer.lap("ladders")
 
     # -- privacy audit
     extras: dict[str, Any] = {"scatter": scatter}
@@ -505,7 +653,49 @@ def headline(report: Mapping[str, Any]) -> dict[str, Any]:
         .get("dice", {})
         .get("mean"),
         "epsilon": (report.get("privacy") or {}).get("epsilon"),
+        **_instrument_headline(report),
     }
+
+
+def _instrument_headline(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The classical detector beside the segmenter, the reconstruction numbers and the ladders."""
+    ctrl = report.get("controllability") or {}
+    classical = ctrl.get("classical") or {}
+    rec = report.get("reconstruction") or {}
+    det = rec.get("classical_detector") or {}
+    seg = rec.get("segmenter") or {}
+    lad = report.get("ladders") or {}
+    sweeps = report.get("sweeps") or []
+
+    def ladder(name: str, instrument: str, key: str) -> Any:
+        return ((lad.get(name) or {}).get(instrument) or {}).get(key)
+
+    out = {
+        "classical_lv_found_rate": classical.get("lv_found_rate"),
+        "classical_lvedv_pearson_r": (classical.get("attributes") or {}).get("LVEDV", {}).get("pearson_r"),
+        "classical_sweep_spearman_rho": next(
+            ((s.get("classical") or {}).get("spearman_rho") for s in sweeps if s.get("attribute") == "LVEDV"), None
+        ),
+        "recon_split": rec.get("split"),
+        "recon_psnr_db": rec.get("psnr_db_median"),
+        "recon_ssim": rec.get("ssim_median"),
+        "recon_contrast_ratio": (rec.get("contrast") or {}).get("ratio_median"),
+        "recon_classical_lv_found_originals": (det.get("originals") or {}).get("lv_found_rate"),
+        "recon_classical_lv_found": (det.get("reconstructions") or {}).get("lv_found_rate"),
+        "recon_segmenter_dice_originals": ((seg.get("originals") or {}).get("dice") or {}).get("mean"),
+        "recon_segmenter_dice": ((seg.get("reconstructions") or {}).get("dice") or {}).get("mean"),
+        "recon_segmenter_lv_volume_r": (seg.get("reconstructions") or {}).get("lv_volume_pearson_r"),
+    }
+    for instrument in ("segmenter", "classical"):
+        out[f"ladder_lvedv_rho_{instrument}"] = ladder("LVEDV", instrument, "spearman_rho_pooled")
+        per_seed = ladder("LVEDV", instrument, "spearman_rho_per_seed") or {}
+        out[f"ladder_lvedv_rho_min_seed_{instrument}"] = (
+            None if not per_seed or any(v is None for v in per_seed.values()) else min(per_seed.values())
+        )
+        out[f"ladder_lvedv_lv_found_{instrument}"] = ladder("LVEDV", instrument, "lv_found_rate")
+        out[f"ladder_lvef_rho_{instrument}"] = ladder("LVEF", instrument, "spearman_rho_pooled")
+        out[f"ladder_esed_accuracy_{instrument}"] = ladder("ESED", instrument, "ed_es_accuracy")
+    return out
 
 
 def run(
