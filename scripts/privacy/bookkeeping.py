@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 from scripts.privacy import grad_norms
+from scripts.privacy.clipping import clip_factor
 from scripts.privacy.grad_norms import LayerGrads, process, unsupported_reason
 from torch import nn
 
@@ -382,8 +383,6 @@ def _clip_and_add(
     layers: Sequence[_Layer], count: int, max_grad_norm: float, summed: list[torch.Tensor]
 ) -> torch.Tensor:
     """Per-unit norms from the layers' results, clip factors, and the book-keeping sums into ``summed``."""
-    from scripts.privacy.per_sample import clip_factor
-
     with torch.no_grad():
         sq = torch.zeros(count, dtype=summed[0].dtype, device=summed[0].device)
         kept: list[tuple[_Layer, dict[str, torch.Tensor]]] = []

@@ -36,10 +36,10 @@ from monai.handlers import MLFlowHandler
 from monai.utils import look_up_option
 from scripts.errors import ConfigError
 from scripts.files import remove_stale_temp
-from scripts.privacy.clipping import UnitClipper
 from scripts.privacy.ledger import PrivacyLedger
 from scripts.privacy.optimizers import UnitDistributedDPOptimizer, UnitDPOptimizer
 from scripts.privacy.per_sample import MODES
+from scripts.privacy.unit_clipper import UnitClipper
 from scripts.privacy.unit_losses import private_generator
 from scripts.privacy.validation import apply_scope, validate_network
 from torch import nn
