@@ -392,7 +392,7 @@ def test_missing_weights_and_too_few_samples(tmp_path):
         features.InceptionFeatures(str(tmp_path / "nope.pth"))
     with pytest.raises(MissingInputError, match="--feature_3d_weights"):
         features.TorchScript3DFeatures(str(tmp_path / "nope.ts"))
-    with pytest.raises(MissingInputError, match="segmenter weights .* configs/train_segmenter.yaml"):
+    with pytest.raises(MissingInputError, match="segmenter weights .*configs/train_segmenter.yaml"):
         segmenter.load_segmenter(str(tmp_path / "segmenter.pt"))
     with pytest.raises(DataError, match="needs at least 2 samples, got 1"):
         fidelity.frechet_distance(torch.zeros(1, 3), torch.zeros(5, 3))
