@@ -197,7 +197,7 @@ def test_dp_errors_name_the_cause(pretrained, cohorts, bundle, tmp_path):
     assert missing.returncode != 0
     assert (
         "diffusion.pt not found; it is produced by: python -m monai.bundle run training --config_file "
-        "configs/train_diffusion.yaml" in missing.stderr
+        "\"['configs/common.yaml','configs/train_diffusion.yaml']\"" in missing.stderr
     )
     _copy_models(pretrained, tmp_path)
     too_big = _dp(bundle, tmp_path, cohorts["private"], "--epochs", "1", "--logical_batch_size", "16")
