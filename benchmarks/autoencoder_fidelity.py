@@ -32,7 +32,6 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 STAGE = ["configs/train_autoencoder.yaml", "configs/small_autoencoder.yaml"]
 # recipe name -> (extra config files merged after STAGE, command-line overrides)
@@ -124,18 +123,16 @@ def fidelity(pred: torch.Tensor, target: torch.Tensor) -> tuple[np.ndarray, np.n
     return metrics.psnr(pred, target), metrics.ssim(pred, target)
 
 
-def lv_found(volumes: torch.Tensor) -> float | None:
-    """Share of volumes in which the classical LV detector finds an LV (None without the detector)."""
-    try:
-        from scripts.evaluation.lv_detector import detect_lv
-    except ImportError:
-        return None
-    return float(np.mean([bool(detect_lv(v[0].numpy()).found) for v in volumes]))
+def lv_found(volumes: torch.Tensor, spacing: np.ndarray) -> float:
+    """Share of (B, 1, D, H, W) volumes in which the classical (non-learned) LV detector finds an LV."""
+    from scripts.evaluation.lv_detector import detect_many
+
+    return float(np.mean([d.found for d in detect_many(volumes[:, 0].numpy(), spacing)]))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Train (unless ``--no_train``) and measure each recipe; prints the table and returns its rows."""
-    from scripts.data import get_dataset
+    from scripts.evaluation.volumes import load_real
     from scripts.networks import load_autoencoder
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -151,11 +148,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     work = (REPO / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    with open(REPO / "configs" / "common.yaml") as f:
-        ranges = yaml.safe_load(f)["attribute_ranges"]
-    data = get_dataset(str(REPO / args.datalist), args.split, args.spatial_size, ranges)
-    originals = torch.stack([item["image"] for item in data])
-    rows = [{"recipe": "originals", "lv_found": lv_found(originals)}]
+    # read as the evaluation stage reads a cohort (the training pipeline's per-image scaling and crop)
+    real = load_real(str(REPO / args.datalist), args.split, args.spatial_size)
+    originals, spacing = torch.from_numpy(real.images)[:, None], real.spacing
+    rows = [{"recipe": "originals", "lv_found": lv_found(originals, spacing)}]
     for name in args.recipes:
         seconds = None if args.no_train else train(name, work, args.threads)
         autoencoder = load_autoencoder(str(work / name / "models" / "autoencoder.pt"))
@@ -167,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for label, images in ((name, recon), (f"bicubic, {numbers} numbers/slice", bicubic(originals, numbers))):
             psnr, ssim = fidelity(images, originals)
             row = {"recipe": label, "numbers_per_slice": numbers, "psnr": float(np.median(psnr))}
-            row.update(ssim=float(np.median(ssim)), lv_found=lv_found(images), seconds=seconds, steps=steps)
+            row.update(ssim=float(np.median(ssim)), lv_found=lv_found(images, spacing), seconds=seconds, steps=steps)
             rows.append(row)
             seconds = None
     print(f"{args.datalist} [{args.split}], {len(originals)} volumes at {args.spatial_size}:")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import os
 import runpy
 import shlex
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 
 from scripts.summary import record_time
 
-__all__ = ["Step", "config_list", "demo_steps", "main", "preload", "run_steps"]
+__all__ = ["Step", "config_list", "demo_steps", "main", "preload", "pretrain_steps", "run_steps"]
 
 
 def config_list(*names: str) -> str:
@@ -74,30 +75,20 @@ class Step:
     module: str = "monai.bundle"
 
 
-def demo_steps(public_subjects: int = 40, private_subjects: int = 40, logs: str = "outputs/demo_logs") -> list[Step]:
-    """The demo's steps (recipe: ``configs/demo_*.yaml``; docs/README.md, "Demo recipe").
+def phantom_step(public_subjects: int, private_subjects: int) -> Step:
+    """The step that generates the public and private phantom cohorts."""
+    return Step(
+        "phantom cohorts",
+        ["run", "--config_file", "configs/phantom.yaml", "--public_subjects", str(public_subjects)]
+        + ["--private_subjects", str(private_subjects)]
+        + ["--public_cohort#num_workers", "2", "--private_cohort#num_workers", "2"],
+        threads=2,
+    )
 
-    Args:
-        public_subjects: subjects of the public phantom cohort.
-        private_subjects: subjects of the private phantom cohort.
-        logs: folder of the logs of the steps that run beside another one.
 
-    Returns:
-        the steps, in the order they are preferred when several could start.
-    """
-
-    def log(name: str) -> str:
-        return os.path.join(logs, f"{name}.log")
-
-    requests = "configs/demo_requests.csv"
+def pretraining_steps() -> list[Step]:
+    """The two public pre-training stages of the demo recipe (both cores each, one after the other)."""
     return [
-        Step(
-            "phantom cohorts",
-            ["run", "--config_file", "configs/phantom.yaml", "--public_subjects", str(public_subjects)]
-            + ["--private_subjects", str(private_subjects)]
-            + ["--public_cohort#num_workers", "2", "--private_cohort#num_workers", "2"],
-            threads=2,
-        ),
         Step(
             "autoencoder",
             ["run", "training", "--config_file", AUTOENCODER, "--resume", "False"],
@@ -110,16 +101,77 @@ def demo_steps(public_subjects: int = 40, private_subjects: int = 40, logs: str 
             ("autoencoder",),
             threads=2,
         ),
+    ]
+
+
+def pretrain_steps(public_subjects: int = 40, private_subjects: int = 40, out: str = "models/demo") -> list[Step]:
+    """``make pretrain``: the cohorts, the two public pre-training stages, then the weights shipped in ``out``.
+
+    Args:
+        public_subjects: subjects of the public phantom cohort (the weights' training data).
+        private_subjects: subjects of the private phantom cohort (generated alike; not read here).
+        out: folder of the shipped weights and their ``PROVENANCE.json`` (``scripts.pretrained``).
+    """
+    phantom = phantom_step(public_subjects, private_subjects)
+    stages = pretraining_steps()
+    settings = {
+        "seed": 0,
+        "data_command": "python -m monai.bundle " + _shell(phantom.argv),
+        "data": "the PUBLIC phantom cohort (data/public) only",
+        "configs": {"autoencoder": AUTOENCODER, "diffusion": DIFFUSION},
+        "stage_commands": {s.name: "python -m monai.bundle " + _shell(s.argv) for s in stages},
+        "threads": 2,
+    }
+    ship = Step(
+        "ship pre-trained weights",
+        ["ship", "--out", out, "--settings", json.dumps(settings)],
+        ("latent diffusion",),
+        module="scripts.pretrained",
+    )
+    return [phantom, *stages, ship]
+
+
+def demo_steps(
+    public_subjects: int = 40,
+    private_subjects: int = 40,
+    logs: str = "outputs/demo_logs",
+    pretrained: str | None = None,
+) -> list[Step]:
+    """The demo's steps (recipe: ``configs/demo_*.yaml``; docs/demo_recipe.md).
+
+    Args:
+        public_subjects: subjects of the public phantom cohort.
+        private_subjects: subjects of the private phantom cohort.
+        logs: folder of the logs of the steps that run beside another one.
+        pretrained: folder of shipped public pre-trained weights (``make pretrain``), installed after a check of
+            their SHA-256 instead of running the two pre-training stages; None: train them here.
+
+    Returns:
+        the steps, in the order they are preferred when several could start.
+    """
+
+    def log(name: str) -> str:
+        return os.path.join(logs, f"{name}.log")
+
+    requests = "configs/demo_requests.csv"
+    if pretrained:
+        public = [Step("public pre-trained weights", ["install", "--shipped", pretrained], module="scripts.pretrained")]
+    else:
+        public = pretraining_steps()
+    weights = public[-1].name  # what the steps on the public weights wait for
+    return [
+        phantom_step(public_subjects, private_subjects),
+        *public,
         Step(
             "DP fine-tuning",
             ["run", "training", "--config_file", DP, "--resume", "False"],
-            ("latent diffusion",),
+            ("phantom cohorts", weights),
             log=log("dp_finetune"),
         ),
         Step(
             "segmenter",
             ["run", "training", "--config_file", SEGMENTER],
-            ("phantom cohorts", "latent diffusion"),  # after the two-core stages
+            ("phantom cohorts", weights),  # after the two-core stages
             log=log("segmenter"),
         ),
         Step(
@@ -134,7 +186,7 @@ def demo_steps(public_subjects: int = 40, private_subjects: int = 40, logs: str 
             ["run", "inference", "--config_file", "configs/inference.yaml", "--model_path", "models/diffusion.pt"]
             + ["--attributes_csv", requests, "--output_dir", "outputs/demo_public", "--overwrite", "True"]
             + ["--progress", "False"],
-            ("latent diffusion",),
+            (weights,),
             log=log("public_synthesis"),
         ),
         Step(
@@ -281,11 +333,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--private_subjects", type=int, default=40)
     parser.add_argument("--times", default="outputs/demo_times.tsv", help="stage-times file (replaced)")
     parser.add_argument("--logs", default="outputs/demo_logs", help="logs of the steps run beside another")
+    parser.add_argument(
+        "--pretrained",
+        default="models/demo",
+        help="shipped public pre-trained weights to start from ('' trains them here: DEMO_PRETRAIN=1 make demo)",
+    )
+    parser.add_argument("--pretrain_only", action="store_true", help="make pretrain: train and ship into --pretrained")
     args = parser.parse_args(argv)
     preload()
     if os.path.exists(args.times):
         os.remove(args.times)
-    return run_steps(demo_steps(args.public_subjects, args.private_subjects, args.logs), args.times)
+    if args.pretrain_only:
+        steps = pretrain_steps(args.public_subjects, args.private_subjects, args.pretrained or "models/demo")
+    else:
+        steps = demo_steps(args.public_subjects, args.private_subjects, args.logs, args.pretrained or None)
+    return run_steps(steps, args.times)
 
 
 if __name__ == "__main__":
