@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS := --quiet --disable-pip-version-check --no-input
-# demo recipe (docs/README.md, "Demo recipe"): 16 x 64 x 64 volumes, an 8x slice autoencoder
+# demo recipe (docs/demo_recipe.md): 16 x 64 x 64 volumes, an 8x slice autoencoder
 # (latent 8 x 16 x 8 x 8), a small v-prediction LDM on latents encoded once, a few DP steps;
 # the stage settings are in configs/demo_*.yaml (benchmarks/privacy_utility.py uses the same),
 # the steps in scripts/demo.py (each a bundle command, printed when it starts, two at a time).

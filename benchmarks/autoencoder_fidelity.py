@@ -1,7 +1,8 @@
 """Autoencoder fidelity per recipe, beside bicubic down-and-up sampling at the same numbers per slice.
 
     python benchmarks/autoencoder_fidelity.py [--recipes demo_v041 demo] [--datalist data/private/datalist.json]
-        [--split test] [--work outputs/autoencoder_fidelity] [--no_train] [--threads 2] [--json out.json]
+        [--split test] [--work outputs/autoencoder_fidelity] [--no_train] [--checkpoints NAME=PATH ...]
+        [--threads 2] [--json out.json]
 
 Each recipe is the autoencoder stage (``configs/train_autoencoder.yaml`` + ``configs/small_autoencoder.yaml``)
 with overrides, trained by its own bundle command on the PUBLIC training split (``data/public``,
@@ -84,6 +85,20 @@ RECIPES: dict[str, tuple[list[str], dict[str, str]]] = {
             "network_def#latent_channels": "4",
         },
     ),
+    # the v0.4.1 recipe, twice the channels at every level
+    "demo_v041_wide": (
+        [],
+        {
+            "epochs": "6",
+            "batch_size": "2",
+            "lr": "2.0e-3",
+            "network_def#channels": "[16,32,64,64]",
+            "network_def#attention_levels": "[False,False,False,False]",
+            "network_def#latent_channels": "8",
+        },
+    ),
+    # the current demo recipe with the L2 reconstruction loss (PSNR's own) instead of L1
+    "demo_l2": (["configs/demo_autoencoder.yaml"], {"reconstruction": "l2"}),
     # the current demo recipe (configs/demo_autoencoder.yaml)
     "demo": (["configs/demo_autoencoder.yaml"], {}),
 }
@@ -136,12 +151,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from scripts.networks import load_autoencoder
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--datalist", default="data/private/datalist.json")
     parser.add_argument("--split", default="test")
     parser.add_argument("--spatial_size", type=int, nargs=3, default=[16, 64, 64])
     parser.add_argument("--work", default="outputs/autoencoder_fidelity")
     parser.add_argument("--no_train", action="store_true", help="measure the checkpoints already in --work")
+    parser.add_argument(
+        "--checkpoints", nargs="*", default=[], metavar="NAME=PATH", help="also measure these autoencoder checkpoints"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
@@ -152,9 +170,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     real = load_real(str(REPO / args.datalist), args.split, args.spatial_size)
     originals, spacing = torch.from_numpy(real.images)[:, None], real.spacing
     rows = [{"recipe": "originals", "lv_found": lv_found(originals, spacing)}]
-    for name in args.recipes:
-        seconds = None if args.no_train else train(name, work, args.threads)
-        autoencoder = load_autoencoder(str(work / name / "models" / "autoencoder.pt"))
+    measured = [(name, None) for name in args.recipes] + [tuple(c.split("=", 1)) for c in args.checkpoints]
+    for name, path in measured:
+        seconds = None if args.no_train or path else train(name, work, args.threads)
+        autoencoder = load_autoencoder(path or str(work / name / "models" / "autoencoder.pt"))
         with torch.no_grad():
             recon = torch.cat([autoencoder.decode(autoencoder.encode(x)[0]) for x in originals.split(4)]).clamp(0, 1)
             latent = autoencoder.encode(originals[:1])[0]
