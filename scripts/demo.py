@@ -7,7 +7,7 @@ another, its own log file. Two things differ from typing the commands one after 
 * **Started from one process that has imported the libraries.** Starting a bundle command costs
   about 10 s of CPU on 2 cores before its first line runs, nearly all of it ``import monai`` (MONAI
   imports every submodule and their optional dependencies: torchvision, scipy, mlflow, ...). The
-  demo runs 12 commands, so this runner imports them once and forks a child per step (measured:
+  demo runs about 15 commands, so this runner imports them once and forks a child per step (measured:
   the phantom step with 5 + 5 subjects takes 2.8 s forked instead of 14.2 s as a new process; the
   demo's ten steps took 2 min 10 s outside the diffusion stage instead of 3 min 51 s, with the
   changes of the same release). Nothing has run in the
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import os
 import runpy
 import shlex
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 
 from scripts.summary import record_time
 
-__all__ = ["Step", "config_list", "demo_steps", "main", "prepare_steps", "preload", "run_steps"]
+__all__ = ["Step", "config_list", "demo_steps", "main", "prepare_steps", "preload", "pretrain_steps", "run_steps"]
 
 
 def config_list(*names: str) -> str:
@@ -49,6 +50,10 @@ AUTOENCODER = config_list("train_autoencoder", "small_autoencoder", "demo_autoen
 DIFFUSION = config_list("train_diffusion", "small_diffusion", "demo_diffusion")
 DP = config_list("dp_finetune", "small_dp_finetune", "demo_dp_finetune")
 SEGMENTER = config_list("train_segmenter", "small_segmenter")
+INFERENCE = config_list("inference")
+EVALUATE = config_list("evaluate")
+# where the phantom writes the dataset-layout cohorts that the prepare steps import into data/public, data/private
+SOURCES = {"public": "data/source/acdc", "private": "data/source/ukbb"}
 # what the bundle commands import, imported once by the parent (scripts.* are imported by the configs)
 PRELOAD = ("monai", "monai.bundle", "monai.bundle.__main__", "fire", "ignite", "mlflow", "nibabel", "opacus")
 
@@ -74,8 +79,17 @@ class Step:
     module: str = "monai.bundle"
 
 
-# where the phantom writes the dataset-layout cohorts that the prepare steps import into data/public, data/private
-SOURCES = {"public": "data/source/acdc", "private": "data/source/ukbb"}
+def phantom_step(public_subjects: int, private_subjects: int) -> Step:
+    """The phantom cohorts, written as a public ACDC and a private UK Biobank (ukbb_cardiac) dataset."""
+    return Step(
+        "phantom cohorts",
+        ["run", "--config_file", config_list("phantom"), "--public_subjects", str(public_subjects)]
+        + ["--private_subjects", str(private_subjects)]
+        + ["--public_cohort#num_workers", "2", "--private_cohort#num_workers", "2"]
+        + ["--public_dir", SOURCES["public"], "--public_cohort#layout", "acdc"]
+        + ["--private_dir", SOURCES["private"], "--private_cohort#layout", "ukbb"],
+        threads=2,
+    )
 
 
 def prepare_steps() -> list[Step]:
@@ -90,15 +104,7 @@ def prepare_steps() -> list[Step]:
     return [
         Step(
             f"prepare: {domain}",
-            [
-                "run",
-                "--config_file",
-                "['configs/common.yaml','configs/prepare.yaml']",
-                "--format",
-                fmt,
-                "--source",
-                SOURCES[domain],
-            ]
+            ["run", "--config_file", config_list("prepare"), "--format", fmt, "--source", SOURCES[domain]]
             + ["--out", f"data/{domain}", "--demographics", f"{SOURCES[domain]}/demographics.csv", *common],
             ("phantom cohorts",),
         )
@@ -106,41 +112,9 @@ def prepare_steps() -> list[Step]:
     ]
 
 
-def demo_steps(public_subjects: int = 40, private_subjects: int = 40, logs: str = "outputs/demo_logs") -> list[Step]:
-    """The demo's steps (recipe: ``configs/demo_*.yaml``; docs/README.md, "Demo recipe").
-
-    Args:
-        public_subjects: subjects of the public phantom cohort.
-        private_subjects: subjects of the private phantom cohort.
-        logs: folder of the logs of the steps that run beside another one.
-
-    Returns:
-        the steps, in the order they are preferred when several could start.
-    """
-
-    def log(name: str) -> str:
-        return os.path.join(logs, f"{name}.log")
-
-    requests = "configs/demo_requests.csv"
+def pretraining_steps() -> list[Step]:
+    """The two public pre-training stages of the demo recipe (both cores each, one after the other)."""
     return [
-        # the cohorts are written as a public ACDC and a private UK Biobank (ukbb_cardiac) dataset,
-        # then imported like real ones; see prepare_steps
-        Step(
-            "phantom cohorts",
-            [
-                "run",
-                "--config_file",
-                "['configs/common.yaml','configs/phantom.yaml']",
-                "--public_subjects",
-                str(public_subjects),
-            ]
-            + ["--private_subjects", str(private_subjects)]
-            + ["--public_cohort#num_workers", "2", "--private_cohort#num_workers", "2"]
-            + ["--public_dir", SOURCES["public"], "--public_cohort#layout", "acdc"]
-            + ["--private_dir", SOURCES["private"], "--private_cohort#layout", "ukbb"],
-            threads=2,
-        ),
-        *prepare_steps(),
         Step(
             "autoencoder",
             ["run", "training", "--config_file", AUTOENCODER, "--resume", "False"],
@@ -153,22 +127,85 @@ def demo_steps(public_subjects: int = 40, private_subjects: int = 40, logs: str 
             ("autoencoder",),
             threads=2,
         ),
+    ]
+
+
+def pretrain_steps(public_subjects: int = 40, private_subjects: int = 40, out: str = "models/demo") -> list[Step]:
+    """``make pretrain``: the cohorts, the two public pre-training stages, then the weights shipped in ``out``.
+
+    Args:
+        public_subjects: subjects of the public phantom cohort (the weights' training data).
+        private_subjects: subjects of the private phantom cohort (generated alike; not read here).
+        out: folder of the shipped weights and their ``PROVENANCE.json`` (``scripts.pretrained``).
+    """
+    phantom = phantom_step(public_subjects, private_subjects)
+    prepare = prepare_steps()
+    stages = pretraining_steps()
+    settings = {
+        "seed": 0,
+        "data_command": " && ".join("python -m monai.bundle " + _shell(s.argv) for s in (phantom, prepare[0])),
+        "data": "the PUBLIC phantom cohort (data/public) only",
+        "configs": {"autoencoder": AUTOENCODER, "diffusion": DIFFUSION},
+        "stage_commands": {s.name: "python -m monai.bundle " + _shell(s.argv) for s in stages},
+        "threads": 2,
+    }
+    ship = Step(
+        "ship pre-trained weights",
+        ["ship", "--out", out, "--settings", json.dumps(settings)],
+        ("latent diffusion",),
+        module="scripts.pretrained",
+    )
+    return [phantom, *prepare, *stages, ship]
+
+
+def demo_steps(
+    public_subjects: int = 40,
+    private_subjects: int = 40,
+    logs: str = "outputs/demo_logs",
+    pretrained: str | None = None,
+) -> list[Step]:
+    """The demo's steps (recipe: ``configs/demo_*.yaml``; docs/demo_recipe.md).
+
+    Args:
+        public_subjects: subjects of the public phantom cohort.
+        private_subjects: subjects of the private phantom cohort.
+        logs: folder of the logs of the steps that run beside another one.
+        pretrained: folder of shipped public pre-trained weights (``make pretrain``), installed after a check of
+            their SHA-256 instead of running the two pre-training stages; None: train them here.
+
+    Returns:
+        the steps, in the order they are preferred when several could start.
+    """
+
+    def log(name: str) -> str:
+        return os.path.join(logs, f"{name}.log")
+
+    requests = "configs/demo_requests.csv"
+    if pretrained:
+        public = [Step("public pre-trained weights", ["install", "--shipped", pretrained], module="scripts.pretrained")]
+    else:
+        public = pretraining_steps()
+    weights = public[-1].name  # what the steps on the public weights wait for
+    return [
+        phantom_step(public_subjects, private_subjects),
+        *prepare_steps(),
+        *public,
         Step(
             "DP fine-tuning",
             ["run", "training", "--config_file", DP, "--resume", "False"],
-            ("latent diffusion", "prepare: private"),
+            ("prepare: private", weights),
             log=log("dp_finetune"),
         ),
         # the attribute table under the same ledger, then a cohort drawn from it (cohort_card.json: composed total)
         Step(
             "DP attributes",
-            ["run", "training", "--config_file", "['configs/common.yaml','configs/dp_attributes.yaml']"],
+            ["run", "training", "--config_file", config_list("dp_attributes")],
             ("DP fine-tuning",),
             log=log("dp_attributes"),
         ),
         Step(
             "synthesis: DP cohort",
-            ["run", "inference", "--config_file", "['configs/common.yaml','configs/inference.yaml']"]
+            ["run", "inference", "--config_file", INFERENCE]
             + ["--attributes_model", "models/attributes_dp.json", "--subjects", "2"]
             + ["--output_dir", "outputs/demo_cohort", "--overwrite", "True", "--progress", "False"],
             ("DP attributes",),
@@ -177,76 +214,42 @@ def demo_steps(public_subjects: int = 40, private_subjects: int = 40, logs: str 
         Step(
             "segmenter",
             ["run", "training", "--config_file", SEGMENTER],
-            ("prepare: public", "latent diffusion"),  # after the two-core stages
+            ("prepare: public", weights),  # after the two-core stages
             log=log("segmenter"),
         ),
         Step(
             "synthesis: DP model",
-            [
-                "run",
-                "inference",
-                "--config_file",
-                "['configs/common.yaml','configs/inference.yaml']",
-                "--attributes_csv",
-                requests,
-            ]
+            ["run", "inference", "--config_file", INFERENCE, "--attributes_csv", requests]
             + ["--output_dir", "outputs/demo", "--overwrite", "True", "--progress", "False"],
             ("DP fine-tuning",),
             log=log("synthesis"),
         ),
         Step(
             "synthesis: public model",
-            [
-                "run",
-                "inference",
-                "--config_file",
-                "['configs/common.yaml','configs/inference.yaml']",
-                "--model_path",
-                "models/diffusion.pt",
-            ]
+            ["run", "inference", "--config_file", INFERENCE, "--model_path", "models/diffusion.pt"]
             + ["--attributes_csv", requests, "--output_dir", "outputs/demo_public", "--overwrite", "True"]
             + ["--progress", "False"],
-            ("latent diffusion",),
+            (weights,),
             log=log("public_synthesis"),
         ),
         Step(
             "LVEDV sweep: DP model",
-            [
-                "run",
-                "sweep",
-                "--config_file",
-                "['configs/common.yaml','configs/inference.yaml']",
-                "--attribute",
-                "LVEDV",
-            ]
+            ["run", "sweep", "--config_file", INFERENCE, "--attribute", "LVEDV"]
             + ["--output_dir", "outputs/demo_sweep", "--overwrite", "True"],
             ("DP fine-tuning",),
             log=log("sweep"),
         ),
+        # reconstructions of the PRIVATE test split (an evaluation on private data, outside epsilon: docs/evaluation.md)
         Step(
             "evaluation: DP model",
-            [
-                "run",
-                "evaluating",
-                "--config_file",
-                "['configs/common.yaml','configs/evaluate.yaml']",
-                "--synthetic_dir",
-                "outputs/demo",
-            ]
-            + ["--sweep_dir", "outputs/demo_sweep"],
+            ["run", "evaluating", "--config_file", EVALUATE, "--synthetic_dir", "outputs/demo"]
+            + ["--sweep_dir", "outputs/demo_sweep", "--reconstruction#split", "private"],
             ("synthesis: DP model", "LVEDV sweep: DP model", "segmenter"),
             log=log("evaluation"),
         ),
         Step(
             "evaluation: public model",
-            [
-                "run",
-                "evaluating",
-                "--config_file",
-                "['configs/common.yaml','configs/evaluate.yaml']",
-                "--synthetic_dir",
-                "outputs/demo_public",
-            ]
+            ["run", "evaluating", "--config_file", EVALUATE, "--synthetic_dir", "outputs/demo_public"]
             + ["--model_path", "models/diffusion.pt", "--audit_privacy", "False", "--output_dir", "eval/public"],
             ("synthesis: public model", "segmenter"),
             log=log("public_evaluation"),
@@ -374,11 +377,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--private_subjects", type=int, default=40)
     parser.add_argument("--times", default="outputs/demo_times.tsv", help="stage-times file (replaced)")
     parser.add_argument("--logs", default="outputs/demo_logs", help="logs of the steps run beside another")
+    parser.add_argument(
+        "--pretrained",
+        default="models/demo",
+        help="shipped public pre-trained weights to start from ('' trains them here: DEMO_PRETRAIN=1 make demo)",
+    )
+    parser.add_argument("--pretrain_only", action="store_true", help="make pretrain: train and ship into --pretrained")
     args = parser.parse_args(argv)
     preload()
     if os.path.exists(args.times):
         os.remove(args.times)
-    return run_steps(demo_steps(args.public_subjects, args.private_subjects, args.logs), args.times)
+    if args.pretrain_only:
+        steps = pretrain_steps(args.public_subjects, args.private_subjects, args.pretrained or "models/demo")
+    else:
+        steps = demo_steps(args.public_subjects, args.private_subjects, args.logs, args.pretrained or None)
+    return run_steps(steps, args.times)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def test_cached_latents_equal_freshly_encoded():
 def test_cached_prepare_batch_gives_the_same_batch():
     ae, records = tiny_autoencoder(), Records(3)
     batch = default_collate(records.items[1:5])
-    kw = dict(condition_dropout=0.3, attribute_dropout=0.3, seed=7)  # seeded draws: comparable
+    kw = dict(condition_dropout=0.3, subset_conditioning=True, seed=7)  # seeded draws: comparable
     fresh = LatentDiffusionPrepareBatch(ae, 50, **kw)(batch)
     cached = CachedLatentPrepareBatch(ae, 50, cache=LatentCache(ae, records), **kw)(batch)
     torch.testing.assert_close(cached[0], fresh[0], **TOL)  # latents
@@ -72,7 +72,7 @@ def _dp_step(tmp_path, loss, units, batch):
 def test_dp_rows_and_step_identical_with_and_without_cache(tmp_path):
     ae, scheduler = tiny_autoencoder(), DDPMScheduler(num_train_timesteps=50)
     units = PrivacyUnits(Records(4), "subject")
-    kw = dict(noise_multiplicity=2, condition_dropout=0.3, attribute_dropout=0.3, seed=3)
+    kw = dict(noise_multiplicity=2, condition_dropout=0.3, subset_conditioning=True, seed=3)
     fresh = LatentDiffusionUnitLoss(ae, scheduler, **kw)
     cached = CachedLatentUnitLoss(ae, scheduler, cache=LatentCache(ae, units.dataset), **kw)
     for i in range(len(units)):

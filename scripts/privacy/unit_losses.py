@@ -47,7 +47,8 @@ class LatentDiffusionUnitLoss(LatentDiffusionPrepareBatch):
         scheduler: the training noise scheduler (``add_noise``).
         noise_multiplicity: K draws per record.
         condition_dropout: probability of dropping the whole condition of a row.
-        attribute_dropout: probability of dropping each attribute of a row.
+        subset_conditioning: show every other row a random attribute subset of uniform size
+            (:func:`scripts.engines.attribute_mask`, drawn from the private generator).
         seed: seed of the private generator of the draws (tests only; None: OS entropy).
     """
 
@@ -57,10 +58,10 @@ class LatentDiffusionUnitLoss(LatentDiffusionPrepareBatch):
         scheduler: Any,
         noise_multiplicity: int = 1,
         condition_dropout: float = 0.0,
-        attribute_dropout: float = 0.0,
+        subset_conditioning: bool = False,
         seed: int | None = None,
     ) -> None:
-        super().__init__(autoencoder, scheduler.num_train_timesteps, condition_dropout, attribute_dropout)
+        super().__init__(autoencoder, scheduler.num_train_timesteps, condition_dropout, subset_conditioning)
         if noise_multiplicity < 1:
             raise ConfigError(f"config field 'noise_multiplicity': expected an integer >= 1, got {noise_multiplicity}")
         self.scheduler, self.k = scheduler, int(noise_multiplicity)
