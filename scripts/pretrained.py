@@ -71,8 +71,10 @@ def _stage_seconds(times: str | None) -> dict[str, float]:
     return seconds
 
 
-def provenance(files: Mapping[str, str], *, settings: Mapping, times: str | None = None) -> dict:
-    """The provenance record of the shipped files (``files``: name -> path)."""
+def provenance(
+    files: Mapping[str, str], *, settings: Mapping, times: str | None = None, commit: str | None = None
+) -> dict:
+    """The provenance record of the shipped files (``files``: name -> path; ``commit``: default the tree's now)."""
     import monai
     import torch
 
@@ -80,7 +82,7 @@ def provenance(files: Mapping[str, str], *, settings: Mapping, times: str | None
         "command": PRETRAIN_COMMAND,
         **settings,
         "wall_time_s": _stage_seconds(times),
-        "commit": _commit(),
+        "commit": commit or _commit(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__},
         "machine": {"processor": platform.machine(), "cpus": os.cpu_count(), "threads": settings.get("threads")},
         "files": {name: {"sha256": sha256(path), "bytes": os.path.getsize(path)} for name, path in files.items()},
@@ -97,6 +99,7 @@ def ship(models: str, out: str, *, settings: Mapping, times: str | None = None) 
     import torch
     from scripts.networks import load_checkpoint
 
+    commit = _commit()  # before the shipped files are replaced: they are tracked, and would make the tree dirty
     sources = {name: os.path.join(models, name) for name in SHIPPED}
     for path in sources.values():
         if not os.path.isfile(path):
@@ -119,7 +122,8 @@ def ship(models: str, out: str, *, settings: Mapping, times: str | None = None) 
         for path in staged.values():
             if os.path.exists(path):
                 os.remove(path)
-    record = provenance({name: os.path.join(out, name) for name in SHIPPED}, settings=settings, times=times)
+    files = {name: os.path.join(out, name) for name in SHIPPED}
+    record = provenance(files, settings=settings, times=times, commit=commit)
     write_text_atomic(os.path.join(out, PROVENANCE), json.dumps(record, indent=2) + "\n")
     return record
 
