@@ -85,8 +85,7 @@ def test_committed_demo_weights_match_their_record_and_the_current_configs():
     record = pretrained.check(str(SHIPPED))  # every file's SHA-256 as recorded
     assert record["command"] == "make pretrain" and record["commit"]
     assert sum(f["bytes"] for f in record["files"].values()) <= pretrained.MAX_BYTES
-    # the recorded config lists predate configs/common.yaml merged first; what must match is what they build
-    assert set(record["configs"]) == {"autoencoder", "diffusion"}
+    assert record["configs"] == {"autoencoder": AUTOENCODER, "diffusion": DIFFUSION}
     autoencoder = load_autoencoder(str(SHIPPED / "autoencoder.pt"))
     ae_config = _config_network(AUTOENCODER)
     assert autoencoder.init_kwargs == ae_config.get_parsed_content("network_def").init_kwargs
