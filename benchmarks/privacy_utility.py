@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from scripts.demo import AUTOENCODER, DIFFUSION, DP, SEGMENTER  # noqa: E402 (the demo recipe's config lists)
+from tools.demo import AUTOENCODER, DIFFUSION, DP, SEGMENTER  # noqa: E402 (the demo recipe's config lists)
 
 BUNDLE = [sys.executable, "-m", "monai.bundle", "run"]
 HEADLINE = ("FD_seg3d_real_vs_synthetic", "lv_found_rate", "lvedv_pearson_r", "mia_auc")

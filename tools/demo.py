@@ -19,7 +19,7 @@ another, its own log file. Two things differ from typing the commands one after 
   use both cores (1.9x and about 1.4x faster than on one; a second job beside the diffusion stage
   slows its steps 1.5x, measured), the short steps one each, side by side.
 
-    python -m scripts.demo [--public_subjects 40 --private_subjects 40 --times outputs/demo_times.tsv]
+    python -m tools.demo [--public_subjects 40 --private_subjects 40 --times outputs/demo_times.tsv]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scripts.summary import record_time
+from tools.summary import record_time
 
 __all__ = ["Step", "config_list", "demo_steps", "main", "prepare_steps", "preload", "pretrain_steps", "run_steps"]
 
@@ -136,7 +136,7 @@ def pretrain_steps(public_subjects: int = 40, private_subjects: int = 40, out: s
     Args:
         public_subjects: subjects of the public phantom cohort (the weights' training data).
         private_subjects: subjects of the private phantom cohort (generated alike; not read here).
-        out: folder of the shipped weights and their ``PROVENANCE.json`` (``scripts.pretrained``).
+        out: folder of the shipped weights and their ``PROVENANCE.json`` (``tools.pretrained``).
     """
     phantom = phantom_step(public_subjects, private_subjects)
     prepare = prepare_steps()
@@ -153,7 +153,7 @@ def pretrain_steps(public_subjects: int = 40, private_subjects: int = 40, out: s
         "ship pre-trained weights",
         ["ship", "--out", out, "--settings", json.dumps(settings)],
         ("latent diffusion",),
-        module="scripts.pretrained",
+        module="tools.pretrained",
     )
     return [phantom, *prepare, *stages, ship]
 
@@ -182,7 +182,7 @@ def demo_steps(
 
     requests = "configs/demo_requests.csv"
     if pretrained:
-        public = [Step("public pre-trained weights", ["install", "--shipped", pretrained], module="scripts.pretrained")]
+        public = [Step("public pre-trained weights", ["install", "--shipped", pretrained], module="tools.pretrained")]
     else:
         public = pretraining_steps()
     weights = public[-1].name  # what the steps on the public weights wait for
@@ -321,7 +321,7 @@ def run_steps(steps: Sequence[Step], times: str, cores: int = 2) -> int:
 
     Args:
         steps: the steps (names unique; ``needs`` name earlier or later steps of the list).
-        times: the stage-times file (``scripts.summary.stage_times`` prints it).
+        times: the stage-times file (``tools.summary.stage_times`` prints it).
         cores: cores to fill.
 
     Returns:
