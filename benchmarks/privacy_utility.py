@@ -29,7 +29,7 @@ Every model comes from the bundle's own entry points (``python -m monai.bundle r
 Runs go ``--jobs`` at a time, one thread each. Prints the table, writes ``WORK/privacy_utility.json``
 and the plot ``WORK/privacy_utility.png`` (``--figure`` to put it elsewhere), and each stage's wall
 time. ``--reuse`` keeps the results of steps already completed in WORK (a run is redone only if its
-evaluation report is missing). docs/README.md ("Privacy-utility benchmark") has the measured table,
+evaluation report is missing). benchmarks/README.md ("Privacy-utility") has the measured table,
 the machine and the command.
 """
 

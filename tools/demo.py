@@ -5,19 +5,17 @@ be re-run by hand) in its own process, with its own lock, exit status and, for s
 another, its own log file. Two things differ from typing the commands one after the other:
 
 * **Started from one process that has imported the libraries.** Starting a bundle command costs
-  about 10 s of CPU on 2 cores before its first line runs, nearly all of it ``import monai`` (MONAI
-  imports every submodule and their optional dependencies: torchvision, scipy, mlflow, ...). The
-  demo runs about 15 commands, so this runner imports them once and forks a child per step (measured:
-  the phantom step with 5 + 5 subjects takes 2.8 s forked instead of 14.2 s as a new process; the
-  demo's ten steps took 2 min 10 s outside the diffusion stage instead of 3 min 51 s, with the
-  changes of the same release). Nothing has run in the
-  parent but imports, so the children start with no OpenMP thread pool and set their own thread
-  count. (``multiprocessing``'s fork server does the same for Python functions; a bundle command is
-  a ``__main__`` module, run here with ``runpy``.)
+  seconds of CPU before its first line runs, nearly all of it ``import monai`` (MONAI imports every
+  submodule and their optional dependencies: torchvision, scipy, mlflow, ...). The demo runs about
+  15 commands, so this runner imports them once and forks a child per step (the saving, measured:
+  benchmarks/README.md, "make demo"). Nothing has run in the parent but imports, so the children
+  start with no OpenMP thread pool and set their own thread count. (``multiprocessing``'s fork
+  server does the same for Python functions; a bundle command is a ``__main__`` module, run here
+  with ``runpy``.)
 * **Two at a time.** A step starts as soon as the steps it needs have finished and its threads fit
   in the cores left (``make -j`` with per-step core counts): the autoencoder and diffusion stages
-  use both cores (1.9x and about 1.4x faster than on one; a second job beside the diffusion stage
-  slows its steps 1.5x, measured), the short steps one each, side by side.
+  use both cores (they run faster on two than on one, and a second job beside the diffusion stage
+  slows it), the short steps one each, side by side.
 
     python -m tools.demo [--public_subjects 40 --private_subjects 40 --times outputs/demo_times.tsv]
 """
