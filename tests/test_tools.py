@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 
 from conftest import ROOT
 from scripts.release import _archive_files
@@ -27,3 +28,18 @@ def test_the_bundle_never_imports_the_tools():
             assert not [n for n in names if n == "tools" or n.startswith("tools.")], f"{path} imports {names}"
     for config in sorted((ROOT / "configs").glob("*.yaml")):
         assert "tools." not in config.read_text(), f"{config} refers to tools/"
+
+
+def test_provenance_names_bundle_commands_not_the_runner_module():
+    """The shipped record stays true across the runner's move: it names ``make pretrain`` and bundle commands only."""
+    from tools.demo import pretrain_steps
+
+    ship = pretrain_steps(out="models/demo")[-1]
+    assert ship.module == "tools.pretrained"
+    settings = json.loads(ship.argv[ship.argv.index("--settings") + 1])
+    committed = json.loads((ROOT / "models" / "demo" / "PROVENANCE.json").read_text())
+    for record in (settings, committed):
+        commands = [record["data_command"], *record["stage_commands"].values()]
+        assert all(c.startswith("python -m monai.bundle ") for c in commands), commands
+        assert not [c for c in commands if "scripts.demo" in c or "tools." in c]
+    assert committed["command"] == "make pretrain"
