@@ -8,8 +8,8 @@ PIP_FLAGS := --quiet --disable-pip-version-check --no-input
 # demo recipe (docs/demo_recipe.md): 16 x 64 x 64 volumes, an 8x slice autoencoder
 # (latent 8 x 16 x 8 x 8), a small v-prediction LDM on latents encoded once, a few DP steps;
 # the stage settings are in configs/demo_*.yaml (benchmarks/privacy_utility.py uses the same),
-# the steps in scripts/demo.py (each a bundle command, printed when it starts, two at a time).
-# CPU, 2 cores: docs/README.md lists each stage's time; `make demo` prints them at the end.
+# the steps in tools/demo.py (each a bundle command, printed when it starts, two at a time).
+# CPU, 2 cores: benchmarks/README.md lists each stage's time; `make demo` prints them at the end.
 DEMO_PUBLIC_SUBJECTS ?= 40
 DEMO_PRIVATE_SUBJECTS ?= 40
 DEMO_TIMES ?= outputs/demo_times.tsv
@@ -32,18 +32,18 @@ install: $(VENV)/.installed
 # process on a 2-core machine slows the demo down by its share, not by 10-20x
 demo: export OMP_WAIT_POLICY ?= PASSIVE
 demo: install
-	$(PY) -m scripts.demo --public_subjects $(DEMO_PUBLIC_SUBJECTS) --private_subjects $(DEMO_PRIVATE_SUBJECTS) --times $(DEMO_TIMES) --pretrained $(DEMO_WEIGHTS)
-	@$(PY) -m scripts.summary demo
-	@$(PY) -m scripts.summary times $(DEMO_TIMES)
-	@$(PY) -m scripts.summary checks eval/public/report.json eval/report.json
+	$(PY) -m tools.demo --public_subjects $(DEMO_PUBLIC_SUBJECTS) --private_subjects $(DEMO_PRIVATE_SUBJECTS) --times $(DEMO_TIMES) --pretrained $(DEMO_WEIGHTS)
+	@$(PY) -m tools.summary demo
+	@$(PY) -m tools.summary times $(DEMO_TIMES)
+	@$(PY) -m tools.summary checks eval/public/report.json eval/report.json
 
 # the demo's public pre-trained weights: phantom cohorts, the two public pre-training stages of the demo
 # recipe, then models/demo/{autoencoder,diffusion}.pt with PROVENANCE.json (seed, data command, configs,
 # wall times, commit, SHA-256); commit them whenever a network, a demo config or the phantom changes
 pretrain: export OMP_WAIT_POLICY ?= PASSIVE
 pretrain: install
-	$(PY) -m scripts.demo --pretrain_only --public_subjects $(DEMO_PUBLIC_SUBJECTS) --private_subjects $(DEMO_PRIVATE_SUBJECTS) --times outputs/pretrain_times.tsv --pretrained models/demo
-	@$(PY) -m scripts.summary times outputs/pretrain_times.tsv
+	$(PY) -m tools.demo --pretrain_only --public_subjects $(DEMO_PUBLIC_SUBJECTS) --private_subjects $(DEMO_PRIVATE_SUBJECTS) --times outputs/pretrain_times.tsv --pretrained models/demo
+	@$(PY) -m tools.summary times outputs/pretrain_times.tsv
 
 # lint and format check first (a lint failure fails CI), then the suite
 test: install

@@ -29,7 +29,7 @@ Every model comes from the bundle's own entry points (``python -m monai.bundle r
 Runs go ``--jobs`` at a time, one thread each. Prints the table, writes ``WORK/privacy_utility.json``
 and the plot ``WORK/privacy_utility.png`` (``--figure`` to put it elsewhere), and each stage's wall
 time. ``--reuse`` keeps the results of steps already completed in WORK (a run is redone only if its
-evaluation report is missing). docs/README.md ("Privacy-utility benchmark") has the measured table,
+evaluation report is missing). benchmarks/README.md ("Privacy-utility") has the measured table,
 the machine and the command.
 """
 
@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from scripts.demo import AUTOENCODER, DIFFUSION, DP, SEGMENTER  # noqa: E402 (the demo recipe's config lists)
+from tools.demo import AUTOENCODER, DIFFUSION, DP, SEGMENTER  # noqa: E402 (the demo recipe's config lists)
 
 BUNDLE = [sys.executable, "-m", "monai.bundle", "run"]
 HEADLINE = ("FD_seg3d_real_vs_synthetic", "lv_found_rate", "lvedv_pearson_r", "mia_auc")

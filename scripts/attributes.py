@@ -1,4 +1,4 @@
-"""The 14 conditioning attributes (docs/README.md section 1), their units and reference ranges.
+"""The 14 conditioning attributes (docs/data.md, "What is measured and how"), their units and reference ranges.
 
 The fixed reference ranges that normalise the attributes live in ``configs/common.yaml``
 (``attribute_ranges``): they are written in the config, never estimated from a training set,

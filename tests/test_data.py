@@ -276,7 +276,7 @@ def test_training_refuses_what_synthesis_refuses(tmp_path, cohorts, attribute_ra
 
 def test_possible_values_outside_the_reference_range_are_kept_for_training(tmp_path, cohorts, attribute_ranges):
     """A real record beyond the reference range (a very thick HCM wall) is kept and maps beyond +1 in training;
-    a synthesis request for it is refused unless --clip_out_of_range True (docs/README.md, sections 1 and 4)."""
+    a synthesis request for it is refused unless --clip_out_of_range True (docs/data.md, docs/synthesis.md)."""
     import scripts.inference
 
     cohort = _copy_cohort(cohorts["private"], tmp_path / "c")
@@ -291,7 +291,7 @@ def test_possible_values_outside_the_reference_range_are_kept_for_training(tmp_p
 
 @pytest.mark.parametrize("text", ["", "nan", "NaN", "NA", "n/a"])
 def test_missing_value_spellings(tmp_path, cohorts, attribute_ranges, text):
-    """A blank cell is missing; the texts nan / NA / N/A (any case) are read as missing too (docs/README.md)."""
+    """A blank cell is missing; the texts nan / NA / N/A (any case) are read as missing too (docs/synthesis.md)."""
     cohort = _copy_cohort(cohorts["private"], tmp_path / "c")
     _set_first_row(cohort, "AGE", text)
     table = read_attributes_csv(str(cohort / "attributes.csv"), attribute_ranges)

@@ -1,4 +1,4 @@
-"""make demo's runner (scripts/demo.py): steps forked from one process, their needs and core counts kept."""
+"""make demo's runner (tools/demo.py): steps forked from one process, their needs and core counts kept."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from scripts.demo import Step, demo_steps, run_steps
-from scripts.summary import stage_times
+from tools.demo import Step, demo_steps, run_steps
+from tools.summary import stage_times
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_STEP = """

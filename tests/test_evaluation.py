@@ -488,7 +488,7 @@ def test_every_check_fails_on_a_broken_model(trained_segmenter, synthetic_runs, 
     """Reconstruction and ladders of a model with random weights: every demo check FAILS, while the
     instruments still see the LV in the originals (the failures are the model's, not a blind instrument's)."""
     from scripts.evaluation import LadderSettings, ReconstructionSettings, evaluate
-    from scripts.summary import DEMO_CHECKS, checks
+    from tools.summary import DEMO_CHECKS, checks
 
     synthetic, _, model_path = synthetic_runs
     report = evaluate(

@@ -308,7 +308,7 @@ def test_folder_layout_with_other_codes_and_a_gzip_check(sources, tmp_path):
 
 def test_the_demo_writes_acdc_and_ukbb_and_reads_them_back(tmp_path, monkeypatch):
     """The demo's first steps (phantom in the dataset layouts, then prepare) run as the demo runs them."""
-    from scripts.demo import demo_steps, run_steps
+    from tools.demo import demo_steps, run_steps
 
     (tmp_path / "configs").symlink_to(REPO / "configs")
     monkeypatch.chdir(tmp_path)

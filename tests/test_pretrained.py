@@ -8,11 +8,11 @@ import pytest
 import torch
 from helpers import ROOT, save_autoencoder, tiny_autoencoder, tiny_unet
 from monai.bundle import ConfigParser
-from scripts import pretrained
-from scripts.demo import AUTOENCODER, DIFFUSION, demo_steps, pretrain_steps
 from scripts.errors import CheckpointError, MissingInputError
 from scripts.files import sha256
 from scripts.networks import load_autoencoder, load_diffusion
+from tools import pretrained
+from tools.demo import AUTOENCODER, DIFFUSION, demo_steps, pretrain_steps
 
 SHIPPED = ROOT / "models" / "demo"
 

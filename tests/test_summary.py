@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from scripts.summary import checks, stage_times
+from tools.summary import checks, stage_times
 
 
 def test_wall_time_of_overlapping_stages_is_not_their_sum(tmp_path):

@@ -30,9 +30,10 @@ Semantics of the numbers (Opacus 1.6.0):
   A rigorous upper bound, valid for add and remove neighbours. Because the orders stop at
   63, epsilons below about log(1/delta)/62 cannot be certified.
 * ``"prv"``: numerical composition of privacy-loss random variables (Gopi et al. 2021).
-  Tighter (typically 5-15 % below RDP). Opacus's ``get_epsilon`` returns ``eps_upper``, the
-  estimate at ``delta - delta_error`` plus ``eps_error``; ``eps_error`` is ABSOLUTE (0.01 by
-  default, in epsilon units, not relative), so PRV never reports less than about 0.01.
+  Tighter than RDP (how much: benchmarks/README.md, "Privacy accounting"). Opacus's
+  ``get_epsilon`` returns ``eps_upper``, the estimate at ``delta - delta_error`` plus
+  ``eps_error``; ``eps_error`` is ABSOLUTE (0.01 by default, in epsilon units, not relative),
+  so PRV never reports less than about 0.01.
   It models only the "remove" privacy-loss distribution (mixture vs. N(0, sigma^2)); in
   every setting tests/test_privacy_accounting.py checks, that direction gives the larger
   epsilon of the two ("add" is N(0, sigma^2) vs. mixture), so it covers both.

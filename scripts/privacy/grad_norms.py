@@ -286,7 +286,7 @@ def _conv_per_unit(module: nn.Module, inp: torch.Tensor, grad: torch.Tensor, uni
     group u's gradient is exactly unit u's. One call keeps the batched kernels (a loop over
     units of batch 1 runs a slow native Conv3d kernel on CPU). On CPU, fewer than 16 output
     channels per group are padded with zero channels to 16: oneDNN's grouped weight
-    gradient is several times slower below that (4 channels: 4x the padded time).
+    gradient is several times slower below that (benchmarks/README.md, "DP step").
     """
     rows, cout = inp.shape[0] // units, grad.shape[1]
     if grad.device.type == "cpu" and cout < 16:

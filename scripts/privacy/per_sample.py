@@ -7,7 +7,7 @@ Opacus computes one gradient per *row* of the batch (``p.grad_sample``) and clip
   noise) draws *before* clipping, so the record's sensitivity stays ``max_grad_norm``.
   Stacking the K draws as K batch rows would clip each draw as its own record, so a record
   could move the sum by up to K x ``max_grad_norm`` while the noise is calibrated for one;
-* subject-level privacy (docs/README.md section 3): a subject's ED and ES volumes are clipped
+* subject-level privacy (docs/privacy.md): a subject's ED and ES volumes are clipped
   together as ONE unit.
 
 So the unit of clipping here is a *unit*: a mapping of tensors whose leading dimension m
@@ -40,9 +40,10 @@ tests/test_bookkeeping.py), and ``"auto"`` (:func:`resolve_grad_sample_mode`) to
   through its ``forward``, and ``unit_loss`` calling the network once.
 
 On CPU, PyTorch runs a Conv3d whose input has batch 1 and N*C*D*H <= 20480 with its slow
-native kernel instead of oneDNN (heuristic in ``ConvParams::use_mkldnn``), 4-9x slower per
-sample. Units of one row (K = 1) on a small network therefore make ``"loop"`` about 2x a
-batched step on CPU (``--size small`` in the benchmark); units of 2+ rows (K >= 2,
+native kernel instead of oneDNN (heuristic in ``ConvParams::use_mkldnn``), several times
+slower per sample. Units of one row (K = 1) on a small network therefore make ``"loop"`` slower
+than a batched step on CPU (``--size small`` in the benchmark; the numbers are in
+benchmarks/README.md); units of 2+ rows (K >= 2,
 subjects) and the default network are hardly affected, and ``"vmap"`` folds the units into
 the convolution's batch.
 

@@ -5,8 +5,8 @@ time than a 15-minute demo on 2 cores leaves once they are trained long enough f
 the bundle ships their weights (trained on the PUBLIC phantom cohort only: no private record, no
 privacy claim involved) with a provenance record beside them:
 
-    python -m scripts.pretrained ship [--models models --out models/demo --times outputs/pretrain_times.tsv]
-    python -m scripts.pretrained install [--shipped models/demo --models models]
+    python -m tools.pretrained ship [--models models --out models/demo --times outputs/pretrain_times.tsv]
+    python -m tools.pretrained install [--shipped models/demo --models models]
 
 ``ship`` copies the checkpoints the stages wrote into ``--out`` without what only a resumed
 pre-training reads (optimiser, learning-rate schedule, RNG and discriminator states: the diffusion
@@ -59,7 +59,7 @@ def _commit() -> str | None:
 
 
 def _stage_seconds(times: str | None) -> dict[str, float]:
-    """``{stage: wall seconds}`` from a stage-times file of ``scripts.summary.record_time``."""
+    """``{stage: wall seconds}`` from a stage-times file of ``tools.summary.record_time``."""
     if not times or not os.path.isfile(times):
         return {}
     seconds = {}

@@ -5,21 +5,19 @@ be re-run by hand) in its own process, with its own lock, exit status and, for s
 another, its own log file. Two things differ from typing the commands one after the other:
 
 * **Started from one process that has imported the libraries.** Starting a bundle command costs
-  about 10 s of CPU on 2 cores before its first line runs, nearly all of it ``import monai`` (MONAI
-  imports every submodule and their optional dependencies: torchvision, scipy, mlflow, ...). The
-  demo runs about 15 commands, so this runner imports them once and forks a child per step (measured:
-  the phantom step with 5 + 5 subjects takes 2.8 s forked instead of 14.2 s as a new process; the
-  demo's ten steps took 2 min 10 s outside the diffusion stage instead of 3 min 51 s, with the
-  changes of the same release). Nothing has run in the
-  parent but imports, so the children start with no OpenMP thread pool and set their own thread
-  count. (``multiprocessing``'s fork server does the same for Python functions; a bundle command is
-  a ``__main__`` module, run here with ``runpy``.)
+  seconds of CPU before its first line runs, nearly all of it ``import monai`` (MONAI imports every
+  submodule and their optional dependencies: torchvision, scipy, mlflow, ...). The demo runs about
+  15 commands, so this runner imports them once and forks a child per step (the saving, measured:
+  benchmarks/README.md, "make demo"). Nothing has run in the parent but imports, so the children
+  start with no OpenMP thread pool and set their own thread count. (``multiprocessing``'s fork
+  server does the same for Python functions; a bundle command is a ``__main__`` module, run here
+  with ``runpy``.)
 * **Two at a time.** A step starts as soon as the steps it needs have finished and its threads fit
   in the cores left (``make -j`` with per-step core counts): the autoencoder and diffusion stages
-  use both cores (1.9x and about 1.4x faster than on one; a second job beside the diffusion stage
-  slows its steps 1.5x, measured), the short steps one each, side by side.
+  use both cores (they run faster on two than on one, and a second job beside the diffusion stage
+  slows it), the short steps one each, side by side.
 
-    python -m scripts.demo [--public_subjects 40 --private_subjects 40 --times outputs/demo_times.tsv]
+    python -m tools.demo [--public_subjects 40 --private_subjects 40 --times outputs/demo_times.tsv]
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scripts.summary import record_time
+from tools.summary import record_time
 
 __all__ = ["Step", "config_list", "demo_steps", "main", "prepare_steps", "preload", "pretrain_steps", "run_steps"]
 
@@ -136,7 +134,7 @@ def pretrain_steps(public_subjects: int = 40, private_subjects: int = 40, out: s
     Args:
         public_subjects: subjects of the public phantom cohort (the weights' training data).
         private_subjects: subjects of the private phantom cohort (generated alike; not read here).
-        out: folder of the shipped weights and their ``PROVENANCE.json`` (``scripts.pretrained``).
+        out: folder of the shipped weights and their ``PROVENANCE.json`` (``tools.pretrained``).
     """
     phantom = phantom_step(public_subjects, private_subjects)
     prepare = prepare_steps()
@@ -153,7 +151,7 @@ def pretrain_steps(public_subjects: int = 40, private_subjects: int = 40, out: s
         "ship pre-trained weights",
         ["ship", "--out", out, "--settings", json.dumps(settings)],
         ("latent diffusion",),
-        module="scripts.pretrained",
+        module="tools.pretrained",
     )
     return [phantom, *prepare, *stages, ship]
 
@@ -182,7 +180,7 @@ def demo_steps(
 
     requests = "configs/demo_requests.csv"
     if pretrained:
-        public = [Step("public pre-trained weights", ["install", "--shipped", pretrained], module="scripts.pretrained")]
+        public = [Step("public pre-trained weights", ["install", "--shipped", pretrained], module="tools.pretrained")]
     else:
         public = pretraining_steps()
     weights = public[-1].name  # what the steps on the public weights wait for
@@ -321,7 +319,7 @@ def run_steps(steps: Sequence[Step], times: str, cores: int = 2) -> int:
 
     Args:
         steps: the steps (names unique; ``needs`` name earlier or later steps of the list).
-        times: the stage-times file (``scripts.summary.stage_times`` prints it).
+        times: the stage-times file (``tools.summary.stage_times`` prints it).
         cores: cores to fill.
 
     Returns:
