@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 from scripts.cardiac import LABELS, subject_attributes
+from scripts.cohort import check_fractions, split_subjects
 from scripts.errors import ConfigError, DataError
 from scripts.files import nifti_gz_bytes, remove_stale_temp, temp_name, write_bytes_atomic
-from scripts.phantom import _check_fractions, split_subjects
 from scripts.prepare import geometry
 from scripts.prepare.layouts import (
     FORMATS,
@@ -136,7 +136,7 @@ class PrepareSpec:
             raise ConfigError(f"--num_workers must be an integer >= 1; got {self.num_workers!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer; got {self.seed!r}")
-        self.split_fractions = _check_fractions(self.split_fractions)
+        self.split_fractions = check_fractions(self.split_fractions)
         self.labels = parse_labels(self.labels) or LABEL_CODES[self.format]
         if isinstance(self.columns, Mapping):
             self.columns = DemographicColumns(**self.columns)
