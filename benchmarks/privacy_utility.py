@@ -195,8 +195,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    """Run the benchmark; prints the table and returns its rows."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="outputs/privacy_utility", help="bundle root of the benchmark's runs")
     parser.add_argument("--public_subjects", type=int, default=40, help="the demo's public cohort")
@@ -212,87 +211,93 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side, one thread each")
     parser.add_argument("--reuse", action="store_true", help="keep the results of steps completed in --work")
     parser.add_argument("--figure", default=None, help="plot path (default WORK/privacy_utility.png)")
-    args = parser.parse_args(argv)
+    return parser
 
-    work = (REPO / args.work).resolve()
-    models, logs = work / "models", work / "logs"
-    models.mkdir(parents=True, exist_ok=True)
-    stages = Stages()
-    root = ["--bundle_root", str(work)]
 
-    def done(path: Path) -> bool:
-        return args.reuse and path.is_file()
+class Benchmark:
+    """The benchmark's runs in one bundle root ``work``: shared models first, then one DP run per plan entry."""
 
-    # 1-2. cohorts, public pre-training, the evaluation's segmenter
-    if not done(work / "data" / "private" / "datalist.json"):
-        stages.run(
-            "phantom cohorts",
-            [*BUNDLE, "--config_file", "['configs/common.yaml','configs/phantom.yaml']", *root]
-            + ["--public_subjects", str(args.public_subjects), "--private_subjects", str(args.private_subjects)],
-            logs / "phantom.log",
-        )
-    if args.pretrained:
-        for name in ("autoencoder.pt", "diffusion.pt"):
-            shutil.copyfile(Path(args.pretrained) / name, models / name)
-    else:
-        if not done(models / "autoencoder.pt"):
-            stages.run(
-                "public pre-training: autoencoder",
-                [*BUNDLE, "training", "--config_file", AUTOENCODER, *root, "--resume", "False"],
-                logs / "autoencoder.log",
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work = (REPO / args.work).resolve()
+        self.models, self.logs = self.work / "models", self.work / "logs"
+        self.models.mkdir(parents=True, exist_ok=True)
+        self.stages = Stages()
+        self.root = ["--bundle_root", str(self.work)]
+        self.requests = self.work / "requests.csv"
+        self.n_requests = 0
+        self.epochs = 1
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
+
+    def done(self, path: Path) -> bool:
+        return self.args.reuse and path.is_file()
+
+    def shared(self) -> None:
+        """1-2. cohorts, public pre-training, the evaluation's segmenter, the scratch network, the requests."""
+        args, models, logs, root = self.args, self.models, self.logs, self.root
+        if not self.done(self.work / "data" / "private" / "datalist.json"):
+            self.stages.run(
+                "phantom cohorts",
+                [*BUNDLE, "--config_file", "['configs/common.yaml','configs/phantom.yaml']", *root]
+                + ["--public_subjects", str(args.public_subjects), "--private_subjects", str(args.private_subjects)],
+                logs / "phantom.log",
             )
-        if not done(models / "diffusion.pt"):
-            stages.run(
-                "public pre-training: latent diffusion",
-                [*BUNDLE, "training", "--config_file", DIFFUSION, *root, "--resume", "False"],
-                logs / "diffusion.log",
+        if args.pretrained:
+            for name in ("autoencoder.pt", "diffusion.pt"):
+                shutil.copyfile(Path(args.pretrained) / name, models / name)
+        else:
+            if not self.done(models / "autoencoder.pt"):
+                self.stages.run(
+                    "public pre-training: autoencoder",
+                    [*BUNDLE, "training", "--config_file", AUTOENCODER, *root, "--resume", "False"],
+                    logs / "autoencoder.log",
+                )
+            if not self.done(models / "diffusion.pt"):
+                self.stages.run(
+                    "public pre-training: latent diffusion",
+                    [*BUNDLE, "training", "--config_file", DIFFUSION, *root, "--resume", "False"],
+                    logs / "diffusion.log",
+                )
+        if not self.done(models / "segmenter.pt"):
+            self.stages.run(
+                "segmenter (public)", [*BUNDLE, "training", "--config_file", SEGMENTER, *root], logs / "seg.log"
             )
-    if not done(models / "segmenter.pt"):
-        stages.run("segmenter (public)", [*BUNDLE, "training", "--config_file", SEGMENTER, *root], logs / "seg.log")
-    scratch_checkpoint(models / "diffusion.pt", models / "scratch.pt")
-    requests = work / "requests.csv"
-    n_requests = write_requests(work / "data" / "public" / "attributes.csv", requests, args.requests)
+        scratch_checkpoint(models / "diffusion.pt", models / "scratch.pt")
+        self.n_requests = write_requests(self.work / "data" / "public" / "attributes.csv", self.requests, args.requests)
 
-    # 3-4. DP runs, synthesis, evaluation
-    with open(work / "data" / "private" / "datalist.json") as f:
-        train_subjects = len({it.get("subject") or it["id"] for it in json.load(f)["training"]})
-    q = min(1.0, args.logical_batch_size / train_subjects)
-    epochs = max(1, round(args.steps / int(1 / q)))  # the ledger plans epochs of int(1/q) steps
-    plan = [("public", 0.0)] + [("pretrained", e) for e in args.epsilons]
-    plan += [("scratch", e) for e in args.scratch_epsilons]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
-
-    def one_run(init: str, epsilon: float) -> dict:
+    def one_run(self, init: str, epsilon: float) -> dict:
+        """3-4. one DP run (none for ``public``), its synthesis and evaluation; the table row."""
+        args, models, logs, root, env = self.args, self.models, self.logs, self.root, self.env
         name = run_name(init, epsilon)
-        out = work / "runs" / name
+        out = self.work / "runs" / name
         report = out / "eval" / "report.json"
         # "public": the pre-trained model before any private step (its EMA weights, as fine-tuning starts from them)
         model, weights = (models / "diffusion.pt", "ema") if init == "public" else (out / "model.pt", "network")
-        if not done(report):
+        if not self.done(report):
             if init != "public":
                 eps = ["--target_epsilon", "inf", "--noise_multiplier", "0"] if math.isinf(epsilon) else []
-                stages.run(
+                self.stages.run(
                     f"{name}: DP training",
                     [*BUNDLE, "training", "--config_file", DP, *root, "--resume", "False"]
                     + ["--ckpt_dir", str(out), "--autoencoder_path", str(models / "autoencoder.pt")]
                     + ["--pretrained_path", str(models / ("diffusion.pt" if init == "pretrained" else "scratch.pt"))]
                     + (eps or ["--target_epsilon", str(epsilon)])
-                    + ["--target_delta", str(args.delta), "--epochs", str(epochs)]
+                    + ["--target_delta", str(args.delta), "--epochs", str(self.epochs)]
                     + ["--logical_batch_size", str(args.logical_batch_size), "--lr", str(args.lr)]
                     + ["--finetune_scope", "all"],
                     logs / f"{name}_train.log",
                     env,
                 )
-            stages.run(
-                f"{name}: synthesis ({n_requests} volumes)",
+            self.stages.run(
+                f"{name}: synthesis ({self.n_requests} volumes)",
                 [*BUNDLE, "inference", "--config_file", "['configs/common.yaml','configs/inference.yaml']", *root]
                 + ["--model_path", str(model), "--report_path", str(out / "privacy_report.json")]
-                + ["--weights", weights, "--attributes_csv", str(requests)]
+                + ["--weights", weights, "--attributes_csv", str(self.requests)]
                 + ["--output_dir", str(out / "synthetic"), "--overwrite", "True", "--progress", "False"],
                 logs / f"{name}_synthesis.log",
                 env,
             )
-            stages.run(
+            self.stages.run(
                 f"{name}: evaluation",
                 [*BUNDLE, "evaluating", "--config_file", "['configs/common.yaml','configs/evaluate.yaml']", *root]
                 + ["--synthetic_dir", str(out / "synthetic"), "--model_path", str(model), "--weights", weights]
@@ -315,23 +320,39 @@ def main(argv: list[str] | None = None) -> list[dict]:
             **{k: headline.get(k) for k in (*HEADLINE, "FD_seg3d_real_vs_real", "lvedv_n", "mia_auc_ci95")},
         }
 
-    # runs side by side, one core each (the small networks gain little from a second thread)
-    def guarded(run: tuple[str, float]) -> dict | None:
+    def guarded(self, run: tuple[str, float]) -> dict | None:
+        """:meth:`one_run`, a failure printed and left out of the table (the other runs go on)."""
         try:
-            return one_run(*run)
-        except RuntimeError as e:  # the other runs go on; the failure is printed and left out of the table
+            return self.one_run(*run)
+        except RuntimeError as e:
             print(e, flush=True)
             return None
 
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the benchmark; prints the table and returns its rows."""
+    args = _parser().parse_args(argv)
+    bench = Benchmark(args)
+    work = bench.work
+    bench.shared()
+
+    # 3-4. DP runs, synthesis, evaluation
+    with open(work / "data" / "private" / "datalist.json") as f:
+        train_subjects = len({it.get("subject") or it["id"] for it in json.load(f)["training"]})
+    q = min(1.0, args.logical_batch_size / train_subjects)
+    bench.epochs = max(1, round(args.steps / int(1 / q)))  # the ledger plans epochs of int(1/q) steps
+    plan = [("public", 0.0)] + [("pretrained", e) for e in args.epsilons]
+    plan += [("scratch", e) for e in args.scratch_epsilons]
+    # runs side by side, one core each (the small networks gain little from a second thread)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows = [r for r in pool.map(guarded, plan) if r is not None]
+        rows = [r for r in pool.map(bench.guarded, plan) if r is not None]
     if len(rows) < len(plan):
         print(f"{len(plan) - len(rows)} of {len(plan)} runs failed (above); the table has the others")
 
     print(
         f"\nPrivate cohort: {args.private_subjects} subjects ({train_subjects} training), DP steps {args.steps} "
         f"(q = {q:.3f}, logical batch {args.logical_batch_size} subjects), lr {args.lr}, delta {args.delta:g}, "
-        f"{n_requests} synthetic volumes per model (raw weights)"
+        f"{bench.n_requests} synthetic volumes per model (raw weights)"
     )
     print(table(rows))
     ref = rows[0].get("FD_seg3d_real_vs_real")
@@ -343,7 +364,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     write_text_atomic(work / "privacy_utility.json", json.dumps(rows, indent=2, default=str))
     print(f"plot: {figure}\nrows: {work / 'privacy_utility.json'}")
-    print(stages.table())
+    print(bench.stages.table())
     return rows
 
 

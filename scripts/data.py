@@ -35,7 +35,7 @@ from monai.transforms import (
 )
 from monai.utils import look_up_option
 from scripts.attributes import ATTRIBUTE_LIMITS, ATTRIBUTE_NAMES, ATTRIBUTE_UNITS, BINARY_ATTRIBUTES
-from scripts.errors import DataError
+from scripts.errors import ConfigError, DataError
 from scripts.files import refuse_duplicate_columns
 
 __all__ = [
@@ -251,23 +251,7 @@ def load_datalist(
         list of dicts with ``image`` (absolute path), ``id``, ``subject`` ("" if the entry
         has none) and ``attributes`` (float32 array, NaN = missing).
     """
-    if not os.path.isfile(datalist):
-        raise DataError(
-            f"{datalist}: datalist not found (expected a JSON file with a '{split}' list). The demo's cohorts are "
-            "written by `python -m monai.bundle run --config_file \"['configs/common.yaml','configs/phantom.yaml']\"`; "
-            "give your own with "
-            "--dataset_dir DIR (a folder holding datalist.json) or --datalist FILE"
-        )
-    try:
-        with open(datalist) as f:
-            content = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{datalist}: not valid JSON ({e})") from None
-    if not isinstance(content, dict) or split not in content:
-        raise DataError(f"{datalist}: missing key '{split}' (expected a list of entries with an 'image' path)")
-    entries = content[split]
-    if not isinstance(entries, list) or len(entries) == 0:
-        raise DataError(f"{datalist}: field '{split}' is empty (expected a non-empty list of entries)")
+    content, entries = _read_split(datalist, split)
     base_dir = base_dir or os.path.dirname(os.path.abspath(datalist))
     csv_path = attributes_csv or content.get("attributes_csv")
     table = None
@@ -284,12 +268,7 @@ def load_datalist(
             raise DataError(f"{where}: field 'image': file {image} does not exist")
         rid = str(entry.get("id", os.path.basename(image)))
         if "attributes" in entry:
-            inline = entry["attributes"]
-            if not isinstance(inline, Mapping):
-                raise DataError(f"{where}: field 'attributes' must be a mapping name -> value")
-            check_attribute_names(list(inline), f"{where}: field 'attributes'")
-            values = np.array([parse_value(inline.get(n), where, n) for n in ATTRIBUTE_NAMES], dtype=np.float64)
-            values = _checked(values, f"{where}: field 'attributes'", ranges).astype(np.float32)
+            values = _inline_attributes(entry["attributes"], where, ranges)
         elif table is not None:
             if rid not in table:
                 raise DataError(f"{where}: id '{rid}' not found in the attribute table {csv_path}")
@@ -302,6 +281,36 @@ def load_datalist(
         # (scripts.privacy.units.PrivacyUnits)
         items.append({"image": image, "id": rid, "subject": str(entry.get("subject", "")), "attributes": values})
     return items
+
+
+def _read_split(datalist: str, split: str) -> tuple[dict[str, Any], list]:
+    """The datalist's JSON content and its non-empty ``split`` list, or DataError."""
+    if not os.path.isfile(datalist):
+        raise DataError(
+            f"{datalist}: datalist not found (expected a JSON file with a '{split}' list). The demo's cohorts are "
+            "written by `python -m monai.bundle run --config_file \"['configs/common.yaml','configs/phantom.yaml']\"`; "
+            "give your own with --dataset_dir DIR (a folder holding datalist.json) or --datalist FILE"
+        )
+    try:
+        with open(datalist) as f:
+            content = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{datalist}: not valid JSON ({e})") from None
+    if not isinstance(content, dict) or split not in content:
+        raise DataError(f"{datalist}: missing key '{split}' (expected a list of entries with an 'image' path)")
+    entries = content[split]
+    if not isinstance(entries, list) or len(entries) == 0:
+        raise DataError(f"{datalist}: field '{split}' is empty (expected a non-empty list of entries)")
+    return content, entries
+
+
+def _inline_attributes(inline: Any, where: str, ranges: Mapping[str, Sequence[float]] | None) -> np.ndarray:
+    """An entry's inline ``attributes`` mapping as the float32 attribute vector (NaN = missing)."""
+    if not isinstance(inline, Mapping):
+        raise DataError(f"{where}: field 'attributes' must be a mapping name -> value")
+    check_attribute_names(list(inline), f"{where}: field 'attributes'")
+    values = np.array([parse_value(inline.get(n), where, n) for n in ATTRIBUTE_NAMES], dtype=np.float64)
+    return _checked(values, f"{where}: field 'attributes'", ranges).astype(np.float32)
 
 
 class LoadVolumed(MapTransform):
@@ -389,10 +398,10 @@ class EncodeAttributesd(MapTransform):
         check_attribute_names(list(ranges), "config field 'attribute_ranges'")
         absent = [n for n in ATTRIBUTE_NAMES if n not in ranges]
         if absent:
-            raise DataError(f"config field 'attribute_ranges': no range for {absent} (expected [low, high] each)")
+            raise ConfigError(f"config field 'attribute_ranges': no range for {absent} (expected [low, high] each)")
         bad = [n for n in ATTRIBUTE_NAMES if len(ranges[n]) != 2 or not float(ranges[n][1]) > float(ranges[n][0])]
         if bad:
-            raise DataError(f"config field 'attribute_ranges': {bad} must be [low, high] with high > low")
+            raise ConfigError(f"config field 'attribute_ranges': {bad} must be [low, high] with high > low")
         self.low = np.array([float(ranges[n][0]) for n in ATTRIBUTE_NAMES], dtype=np.float32)
         self.high = np.array([float(ranges[n][1]) for n in ATTRIBUTE_NAMES], dtype=np.float32)
         self.missing_key = missing_key

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from scripts.engines import LatentDiffusionPrepareBatch
+from scripts.errors import ConfigError
 from scripts.privacy.unit_losses import LatentDiffusionUnitLoss
 from torch import nn
 
@@ -259,7 +260,7 @@ class RepeatedDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset: torch.utils.data.Dataset, repeats: int = 1) -> None:
         if isinstance(repeats, bool) or int(repeats) < 1:
-            raise ValueError(f"config field 'passes_per_epoch': expected an integer >= 1, got {repeats!r}")
+            raise ConfigError(f"config field 'passes_per_epoch': expected an integer >= 1, got {repeats!r}")
         self.dataset, self.repeats = dataset, int(repeats)
         self.data = getattr(dataset, "data", None)
 

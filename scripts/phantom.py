@@ -45,8 +45,6 @@ Command line::
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -62,6 +60,15 @@ import numpy as np
 from scipy import ndimage
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.cardiac import LABELS, measure_attributes, phase_pair_attributes, subject_attributes
+from scripts.cohort import (
+    CSV_COLUMNS,
+    SPLITS,
+    SUBJECT_COLUMNS,
+    check_fractions,
+    csv_bytes,
+    format_value,
+    split_subjects,
+)
 from scripts.errors import ConfigError
 from scripts.files import nifti_gz_bytes, remove_stale_temp, temp_name, write_bytes_atomic
 
@@ -82,13 +89,9 @@ __all__ = [
 
 DOMAINS: tuple[str, ...] = ("public", "private")
 PHASES: tuple[str, ...] = ("ED", "ES")
-CSV_COLUMNS: tuple[str, ...] = ("id", "subject", "phase", "image", "label") + ATTRIBUTE_NAMES
-SUBJECT_COLUMNS: tuple[str, ...] = ("subject", "domain", "group", "split")
-SPLITS: tuple[str, ...] = ("training", "validation", "test")
 
 _OVERSAMPLE = 2  # in-plane super-sampling factor used for partial-volume rendering
 _EDGE_MM = 0.45  # half-width of the soft edge of every rendered structure, in mm
-_INT_ATTRIBUTES = frozenset({"SEX", "ESED", "DEPTH"})
 
 # pathology groups and their sampling probabilities per domain
 _GROUPS: dict[str, dict[str, float]] = {
@@ -761,74 +764,6 @@ def _write_subject(job: tuple[str, int, str, int, tuple[int, int]]) -> tuple[str
     return p.subject, p.group, result["attributes"]
 
 
-def _format_value(name: str, value: float) -> str:
-    if value is None or not math.isfinite(value):
-        return ""
-    if name in _INT_ATTRIBUTES:
-        return str(round(value))
-    return repr(round(float(value), 4))
-
-
-def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[str]]) -> bytes:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue().encode()
-
-
-def split_subjects(
-    subjects: Sequence[str], fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
-) -> dict[str, list[str]]:
-    """Split subject ids into training/validation/test by subject (shuffled, deterministic).
-
-    Training always gets at least one subject; with three or more subjects, validation and
-    test each get at least one when their fraction is positive.
-
-    Args:
-        subjects: subject ids.
-        fractions: (training, validation, test) fractions; normalised to sum to 1.
-        seed: seed of the shuffle.
-
-    Returns:
-        {"training": [...], "validation": [...], "test": [...]}, each sorted.
-    """
-    fractions = _check_fractions(fractions)
-    n = len(subjects)
-    order = np.random.default_rng([int(seed), n, 7919]).permutation(n)
-    n_val = round(fractions[1] * n)
-    n_test = round(fractions[2] * n)
-    if n >= 3:
-        n_val = max(n_val, int(fractions[1] > 0))
-        n_test = max(n_test, int(fractions[2] > 0))
-    while n_val + n_test > n - 1 and n_val + n_test > 0:  # keep training non-empty
-        if n_test >= n_val and n_test > 0:
-            n_test -= 1
-        else:
-            n_val -= 1
-    n_train = n - n_val - n_test
-    picked = [subjects[i] for i in order]
-    return {
-        "training": sorted(picked[:n_train]),
-        "validation": sorted(picked[n_train : n_train + n_val]),
-        "test": sorted(picked[n_train + n_val :]),
-    }
-
-
-def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(x) for x in fractions)
-    except (TypeError, ValueError):
-        values = ()
-    if len(values) != 3 or any(not math.isfinite(x) or x < 0 for x in values) or values[0] <= 0:
-        raise ConfigError(
-            "split_fractions must be three non-negative numbers (training, validation, test) "
-            f"with a positive training fraction, e.g. (0.7, 0.15, 0.15); got {fractions!r}"
-        )
-    total = sum(values)
-    return (values[0] / total, values[1] / total, values[2] / total)
-
-
 def _check_image_size(image_size: Sequence[int]) -> tuple[int, int]:
     try:
         size = tuple(int(s) for s in image_size)
@@ -901,11 +836,13 @@ class CohortSpec:
             raise ConfigError(f"{what}: num_workers must be an integer >= 1; got {self.num_workers!r}")
         if not isinstance(self.overwrite, bool):
             raise ConfigError(f"{what}: overwrite must be True or False; got {self.overwrite!r}")
-        from scripts.phantom_layouts import LayoutOptions  # the writers import this module's helpers
+        # imported here, not at the top: the layout writers load torch and MONAI (resampling), which the
+        # phantom itself does not need
+        from scripts.phantom_layouts import LayoutOptions
 
         self.layout = self.layout if isinstance(self.layout, LayoutOptions) else LayoutOptions(layout=str(self.layout))
         self.image_size = _check_image_size(self.image_size)
-        self.split_fractions = _check_fractions(self.split_fractions)
+        self.split_fractions = check_fractions(self.split_fractions)
         self.subjects, self.seed, self.num_workers = int(self.subjects), int(self.seed), int(self.num_workers)
         out = Path(self.out_dir)
         if out.exists() and not out.is_dir():
@@ -948,12 +885,12 @@ def _render(spec: CohortSpec, staging: Path) -> tuple[dict[str, Any], list]:
         for phase in PHASES:
             image_rel, label_rel = _volume_paths(sid, phase)
             vid = f"{sid}_{phase}"
-            values = [_format_value(n, attrs[phase][n]) for n in ATTRIBUTE_NAMES]
+            values = [format_value(n, attrs[phase][n]) for n in ATTRIBUTE_NAMES]
             rows.append([vid, sid, phase, image_rel, label_rel, *values])
             entries[split_of[sid]].append({"id": vid, "subject": sid, "image": image_rel, "label": label_rel})
     subject_rows = [[sid, domain, group, split_of[sid]] for sid, group, _ in results]
-    write_bytes_atomic(staging / "subjects.csv", _csv_bytes(SUBJECT_COLUMNS, subject_rows))
-    write_bytes_atomic(staging / "attributes.csv", _csv_bytes(CSV_COLUMNS, rows))
+    write_bytes_atomic(staging / "subjects.csv", csv_bytes(SUBJECT_COLUMNS, subject_rows))
+    write_bytes_atomic(staging / "attributes.csv", csv_bytes(CSV_COLUMNS, rows))
     datalist = {
         "description": f"synthetic bSSFP short-axis phantom cohort ({domain} domain, scripts/phantom.py)",
         "domain": domain,

@@ -24,6 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scripts.cardiac import LABELS
+from scripts.cohort import csv_bytes
 from scripts.errors import ConfigError
 from scripts.files import nifti_gz_bytes, write_bytes_atomic, write_text_atomic
 from scripts.prepare import geometry
@@ -138,65 +139,10 @@ def write_layout(cohort: str | os.PathLike, out: str | os.PathLike, options: Lay
             label, _ = _transform(np.asarray(label_nii.dataobj), label_nii.affine, options, label=True)
             vol[phase] = (image.astype(np.float32), _codes(label, layout).astype(np.uint8), affine)
         ed = rows[f"{sid}_ED"]
-        age, sex, bmi = _number(ed["AGE"]), _number(ed["SEX"]), _number(ed["BMI"])
         demo_rows.append([name, ed["AGE"], ed["SEX"], ed["BMI"]])
-        sex_text = "" if math.isnan(sex) else ("M" if sex == 1 else "F")
-        height = math.nan if math.isnan(sex) else (175.0 if sex == 1 else 162.0)
-        weight = bmi * (height / 100.0) ** 2 if math.isfinite(bmi) and math.isfinite(height) else math.nan
-        text = {k: "" if math.isnan(v) else f"{v:.1f}" for k, v in {"h": height, "w": weight, "age": age}.items()}
-        if layout == "bundle":
-            for phase, (image, label, affine) in vol.items():
-                _put(out / "images" / f"{name}_{phase}.nii.gz", image, affine)
-                _put(out / "labels" / f"{name}_{phase}.nii.gz", label, affine)
-        elif layout == "acdc":
-            folder = out / name
-            frames = {"ED": 1, "ES": 5}
-            for phase, (image, label, affine) in vol.items():
-                _put(folder / f"{name}_frame{frames[phase]:02d}.nii.gz", image, affine)
-                _put(folder / f"{name}_frame{frames[phase]:02d}_gt.nii.gz", label, affine)
-            lines = [f"ED: {frames['ED']}", f"ES: {frames['ES']}", f"Group: {groups[sid]}"]
-            lines += [f"Height: {text['h']}"] if text["h"] and text["w"] else []
-            lines += [f"NbFrame: {max(options.frames, frames['ES'])}"]
-            lines += [f"Weight: {text['w']}"] if text["h"] and text["w"] else []
-            write_text_atomic(folder / "Info.cfg", "\n".join(lines) + "\n")
-        elif layout == "mnms":
-            folder = out / "Training" / "Labeled" / name
-            (ed_img, ed_lab, affine), (es_img, es_lab, _) = vol["ED"], vol["ES"]
-            cine = np.zeros((*ed_img.shape, options.frames), dtype=np.float32)
-            gt = np.zeros((*ed_lab.shape, options.frames), dtype=np.uint8)
-            for t in range(options.frames):
-                w = min(abs(t - _ED_FRAME) / (_ES_FRAME - _ED_FRAME), 1.0)
-                cine[..., t] = (1.0 - w) * ed_img + w * es_img
-            cine[..., _ED_FRAME], cine[..., _ES_FRAME] = ed_img, es_img
-            gt[..., _ED_FRAME], gt[..., _ES_FRAME] = ed_lab, es_lab
-            _put(folder / f"{name}_sa.nii.gz", cine, affine)
-            _put(folder / f"{name}_sa_gt.nii.gz", gt, affine)
-            info_rows.append(
-                [
-                    name,
-                    "Phantom",
-                    "P",
-                    "1",
-                    _ED_FRAME,
-                    _ES_FRAME,
-                    text["age"],
-                    groups[sid],
-                    sex_text,
-                    text["h"],
-                    text["w"],
-                ]
-            )
-        elif layout == "mnms2":
-            folder = out / "dataset" / name
-            for phase, (image, label, affine) in vol.items():
-                _put(folder / f"{name}_SA_{phase}.nii.gz", image, affine)
-                _put(folder / f"{name}_SA_{phase}_gt.nii.gz", label, affine)
-            info_rows.append([name, groups[sid], "PHANTOM", sex_text, text["age"], text["h"], text["w"]])
-        else:  # ukbb
-            folder = out / name
-            for phase, (image, label, affine) in vol.items():
-                _put(folder / f"sa_{phase}.nii.gz", image, affine)
-                _put(folder / f"seg_sa_{phase}.nii.gz", label, affine)
+        info_row = _WRITERS[layout](out / name, vol, _Demographics.of(ed, groups[sid]), options)
+        if info_row is not None:
+            info_rows.append(info_row)
     id_column = "eid" if layout == "ukbb" else "subject"
     _write_csv(out / "demographics.csv", [id_column, "age", "sex", "bmi"], demo_rows)
     if layout == "mnms":
@@ -207,11 +153,89 @@ def write_layout(cohort: str | os.PathLike, out: str | os.PathLike, options: Lay
         _write_csv(out / "dataset_information.csv", header, info_rows)
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    import io
+@dataclass(frozen=True)
+class _Demographics:
+    """What the dataset tables say of one subject, as text ("" = missing)."""
 
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
+    group: str
+    sex: str  # "M" / "F"
+    age: str
+    height: str  # cm, from the sex (the phantom draws BMI, not height)
+    weight: str  # kg, from BMI and height
+
+    @classmethod
+    def of(cls, ed: dict[str, str], group: str) -> _Demographics:
+        age, sex, bmi = _number(ed["AGE"]), _number(ed["SEX"]), _number(ed["BMI"])
+        height = math.nan if math.isnan(sex) else (175.0 if sex == 1 else 162.0)
+        weight = bmi * (height / 100.0) ** 2 if math.isfinite(bmi) and math.isfinite(height) else math.nan
+        text = {k: "" if math.isnan(v) else f"{v:.1f}" for k, v in {"h": height, "w": weight, "age": age}.items()}
+        sex_text = "" if math.isnan(sex) else ("M" if sex == 1 else "F")
+        return cls(group=group, sex=sex_text, age=text["age"], height=text["h"], weight=text["w"])
+
+
+_Volumes = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # phase -> (image, label, affine)
+
+
+def _write_bundle(folder: Path, vol: _Volumes, who: _Demographics, options: LayoutOptions) -> None:
+    out, name = folder.parent, folder.name
+    for phase, (image, label, affine) in vol.items():
+        _put(out / "images" / f"{name}_{phase}.nii.gz", image, affine)
+        _put(out / "labels" / f"{name}_{phase}.nii.gz", label, affine)
+
+
+def _write_acdc(folder: Path, vol: _Volumes, who: _Demographics, options: LayoutOptions) -> None:
+    name = folder.name
+    frames = {"ED": 1, "ES": 5}
+    for phase, (image, label, affine) in vol.items():
+        _put(folder / f"{name}_frame{frames[phase]:02d}.nii.gz", image, affine)
+        _put(folder / f"{name}_frame{frames[phase]:02d}_gt.nii.gz", label, affine)
+    lines = [f"ED: {frames['ED']}", f"ES: {frames['ES']}", f"Group: {who.group}"]
+    lines += [f"Height: {who.height}"] if who.height and who.weight else []
+    lines += [f"NbFrame: {max(options.frames, frames['ES'])}"]
+    lines += [f"Weight: {who.weight}"] if who.height and who.weight else []
+    write_text_atomic(folder / "Info.cfg", "\n".join(lines) + "\n")
+
+
+def _write_mnms(folder: Path, vol: _Volumes, who: _Demographics, options: LayoutOptions) -> list:
+    name = folder.name
+    folder = folder.parent / "Training" / "Labeled" / name
+    (ed_img, ed_lab, affine), (es_img, es_lab, _) = vol["ED"], vol["ES"]
+    cine = np.zeros((*ed_img.shape, options.frames), dtype=np.float32)
+    gt = np.zeros((*ed_lab.shape, options.frames), dtype=np.uint8)
+    for t in range(options.frames):
+        w = min(abs(t - _ED_FRAME) / (_ES_FRAME - _ED_FRAME), 1.0)
+        cine[..., t] = (1.0 - w) * ed_img + w * es_img
+    cine[..., _ED_FRAME], cine[..., _ES_FRAME] = ed_img, es_img
+    gt[..., _ED_FRAME], gt[..., _ES_FRAME] = ed_lab, es_lab
+    _put(folder / f"{name}_sa.nii.gz", cine, affine)
+    _put(folder / f"{name}_sa_gt.nii.gz", gt, affine)
+    return [name, "Phantom", "P", "1", _ED_FRAME, _ES_FRAME, who.age, who.group, who.sex, who.height, who.weight]
+
+
+def _write_mnms2(folder: Path, vol: _Volumes, who: _Demographics, options: LayoutOptions) -> list:
+    name = folder.name
+    folder = folder.parent / "dataset" / name
+    for phase, (image, label, affine) in vol.items():
+        _put(folder / f"{name}_SA_{phase}.nii.gz", image, affine)
+        _put(folder / f"{name}_SA_{phase}_gt.nii.gz", label, affine)
+    return [name, who.group, "PHANTOM", who.sex, who.age, who.height, who.weight]
+
+
+def _write_ukbb(folder: Path, vol: _Volumes, who: _Demographics, options: LayoutOptions) -> None:
+    for phase, (image, label, affine) in vol.items():
+        _put(folder / f"sa_{phase}.nii.gz", image, affine)
+        _put(folder / f"seg_sa_{phase}.nii.gz", label, affine)
+
+
+# layout -> writer of one subject (its files; returns its row of the dataset's information table, if any)
+_WRITERS = {
+    "bundle": _write_bundle,
+    "acdc": _write_acdc,
+    "mnms": _write_mnms,
+    "mnms2": _write_mnms2,
+    "ukbb": _write_ukbb,
+}
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    write_bytes_atomic(path, csv_bytes(header, rows))

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_roc_auc
 from monai.networks.schedulers import DDPMScheduler
+from scripts.errors import ConfigError
 from scripts.evaluation.volumes import require
 from torch import nn
 
@@ -136,7 +137,7 @@ def denoising_losses(
     total = int(scheduler.num_train_timesteps)
     bad = [t for t in timesteps if not 0 <= int(t) < total]
     if bad:
-        raise ValueError(f"config field 'mia_timesteps': {bad} outside [0, {total - 1}] (the model has T = {total})")
+        raise ConfigError(f"config field 'mia_timesteps': {bad} outside [0, {total - 1}] (the model has T = {total})")
     from tqdm import tqdm
 
     out = np.zeros((len(latents), len(timesteps)))

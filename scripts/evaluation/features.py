@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scripts.errors import DataError, MissingInputError
+from scripts.errors import ConfigError, DataError, MissingInputError
 from torch import nn
 
 
@@ -98,7 +98,7 @@ class InceptionFeatures(FeatureExtractor):
 
         path = _check_weights_file(weights, "inception_weights", "the InceptionV3 feature extractor (FID_inception2d)")
         if slices not in ("middle", "all"):
-            raise ValueError(f"config field 'inception_slices': expected 'middle' or 'all', got {slices!r}")
+            raise ConfigError(f"config field 'inception_slices': expected 'middle' or 'all', got {slices!r}")
         net = inception_v3(weights=None, aux_logits=True, init_weights=False)
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state

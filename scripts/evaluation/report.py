@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -102,7 +102,19 @@ def markdown(report: Mapping[str, Any]) -> str:
     for name, d in report["diversity"].items():
         if isinstance(d, Mapping):
             lines.append(f"| {name} | {d['n']} | {d['pairs']} | {_fmt(d['mean'])} | {_fmt(d['std'])} |")
-    c = report["controllability"]
+    lines += _controllability_lines(report["controllability"])
+    lines += _ladder_lines(report.get("ladders"))
+    lines += _sweep_lines(report.get("sweeps", []))
+    lines += _audit_lines(report.get("privacy_audit"))
+    lines += ["", "## Timings (s)", "", ", ".join(f"{k} {v}" for k, v in report["timings_s"].items())]
+    for name, path in (report.get("figures") or {}).items():
+        lines += ["", f"![{name}]({os.path.basename(path)})"]
+    return "\n".join(lines) + "\n"
+
+
+def _controllability_lines(c: Mapping[str, Any]) -> list[str]:
+    """The controllability section: attributes requested vs measured, phase, the classical detector."""
+    lines: list[str] = []
     lines += [
         "",
         "## Controllability (requested vs measured by the segmenter)",
@@ -135,8 +147,13 @@ def markdown(report: Mapping[str, Any]) -> str:
             )
             + ".",
         ]
-    lines += _ladder_lines(report.get("ladders"))
-    for s in report.get("sweeps", []):
+    return lines
+
+
+def _sweep_lines(sweeps: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One subsection per attribute sweep."""
+    lines: list[str] = []
+    for s in sweeps:
         lines += [
             "",
             f"### Sweep {s['attribute']} ({s.get('file', '')})",
@@ -152,7 +169,12 @@ def markdown(report: Mapping[str, Any]) -> str:
                 f"Classical detector: LV volume {_fmt(k['lv_volume_ml'])} ml, LV found {_fmt(k['lv_found_rate'])}, "
                 f"Spearman rho {_fmt(k['spearman_rho'])}."
             )
-    a = report.get("privacy_audit")
+    return lines
+
+
+def _audit_lines(a: Mapping[str, Any] | None) -> list[str]:
+    """The empirical privacy audit section (membership inference, memorisation, positive control)."""
+    lines: list[str] = []
     lines += ["", "## Privacy audit (empirical; computed on private records, not covered by epsilon)", ""]
     if a:
         m = a["membership_inference"]
@@ -182,10 +204,7 @@ def markdown(report: Mapping[str, Any]) -> str:
             ]
     else:
         lines.append("not run (no --model_path).")
-    lines += ["", "## Timings (s)", "", ", ".join(f"{k} {v}" for k, v in report["timings_s"].items())]
-    for name, path in (report.get("figures") or {}).items():
-        lines += ["", f"![{name}]({os.path.basename(path)})"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _instrument_lines(report: Mapping[str, Any]) -> list[str]:

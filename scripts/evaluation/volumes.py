@@ -17,6 +17,7 @@ import os
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -132,19 +133,8 @@ def _load_nifti(path: str, where: str) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
 
 
-def load_synthetic(directory: str, spatial_size: Sequence[int] | None = None) -> VolumeSet:
-    """Read a ``run inference`` output folder: ``manifest.csv``, one JSON sidecar and one NIfTI per sample.
-
-    Requested attributes and spacing come from the sidecars; the spacing is checked against the
-    NIfTI header and every volume must have the same shape.
-
-    Args:
-        directory: the folder given as ``--output_dir`` to ``run inference``.
-        spatial_size: (D, H, W) to pad/crop to; None keeps the volumes' own size.
-
-    Returns:
-        the :class:`VolumeSet` (``seeds`` from the sidecars).
-    """
+def _manifest_rows(directory: str) -> tuple[str, list[dict[str, str]]]:
+    """The path and the rows of the synthetic folder's manifest.csv, or DataError."""
     if directory is None or str(directory).strip() in ("", "None"):
         raise DataError("no synthetic set given: pass --synthetic_dir DIR (the --output_dir of `run inference`)")
     if not os.path.isdir(directory):
@@ -164,6 +154,45 @@ def load_synthetic(directory: str, spatial_size: Sequence[int] | None = None) ->
         rows = list(reader)
     if not rows:
         raise DataError(f"{manifest}: no samples listed (the synthesis run wrote no volumes)")
+    return manifest, rows
+
+
+def _read_sidecar(sidecar: str) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """A sample's JSON sidecar: (content, requested attribute vector with NaN = missing, spacing in mm)."""
+    try:
+        with open(sidecar) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{sidecar}: not valid JSON ({e})") from None
+    for key in ("attributes", "spacing_mm"):
+        if key not in meta:
+            raise DataError(f"{sidecar}: missing field '{key}' (written by `run inference`)")
+    requested = meta["attributes"]
+    if not isinstance(requested, dict):
+        raise DataError(f"{sidecar}: field 'attributes' must be a mapping name -> value or null")
+    values = np.array(
+        [math.nan if requested.get(n) is None else float(requested[n]) for n in ATTRIBUTE_NAMES], dtype=np.float64
+    )
+    spacing = np.asarray(meta["spacing_mm"], dtype=np.float64)
+    if spacing.shape != (3,) or not (spacing > 0).all():
+        raise DataError(f"{sidecar}: field 'spacing_mm' must be 3 positive numbers (X, Y, slice) in mm")
+    return meta, values, spacing
+
+
+def load_synthetic(directory: str, spatial_size: Sequence[int] | None = None) -> VolumeSet:
+    """Read a ``run inference`` output folder: ``manifest.csv``, one JSON sidecar and one NIfTI per sample.
+
+    Requested attributes and spacing come from the sidecars; the spacing is checked against the
+    NIfTI header and every volume must have the same shape.
+
+    Args:
+        directory: the folder given as ``--output_dir`` to ``run inference``.
+        spatial_size: (D, H, W) to pad/crop to; None keeps the volumes' own size.
+
+    Returns:
+        the :class:`VolumeSet` (``seeds`` from the sidecars).
+    """
+    manifest, rows = _manifest_rows(directory)
     images, spacings, attributes, ids, seeds, files = [], [], [], [], [], []
     shape0 = None
     for i, row in enumerate(rows):
@@ -171,23 +200,7 @@ def load_synthetic(directory: str, spatial_size: Sequence[int] | None = None) ->
         sidecar = os.path.join(directory, row["sidecar"] or "")
         if not row["sidecar"] or not os.path.isfile(sidecar):
             raise DataError(f"{where}: sidecar {sidecar} not found (every sample needs its JSON sidecar)")
-        try:
-            with open(sidecar) as f:
-                meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{sidecar}: not valid JSON ({e})") from None
-        for key in ("attributes", "spacing_mm"):
-            if key not in meta:
-                raise DataError(f"{sidecar}: missing field '{key}' (written by `run inference`)")
-        requested = meta["attributes"]
-        if not isinstance(requested, dict):
-            raise DataError(f"{sidecar}: field 'attributes' must be a mapping name -> value or null")
-        values = np.array(
-            [math.nan if requested.get(n) is None else float(requested[n]) for n in ATTRIBUTE_NAMES], dtype=np.float64
-        )
-        spacing = np.asarray(meta["spacing_mm"], dtype=np.float64)
-        if spacing.shape != (3,) or not (spacing > 0).all():
-            raise DataError(f"{sidecar}: field 'spacing_mm' must be 3 positive numbers (X, Y, slice) in mm")
+        meta, values, spacing = _read_sidecar(sidecar)
         path = os.path.join(directory, row["file"] or "")
         data, header_spacing = _load_nifti(path, where)
         if not np.allclose(header_spacing, spacing, rtol=SPACING_RTOL):

@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 from scripts.cardiac import LABELS, subject_attributes
+from scripts.cohort import check_fractions, split_subjects
 from scripts.errors import ConfigError, DataError
 from scripts.files import nifti_gz_bytes, remove_stale_temp, temp_name, write_bytes_atomic
-from scripts.phantom import _check_fractions, split_subjects
 from scripts.prepare import geometry
 from scripts.prepare.layouts import (
     FORMATS,
@@ -115,28 +115,16 @@ class PrepareSpec:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ConfigError(f"--format must be one of {', '.join(FORMATS)}; got {self.format!r}")
-        if isinstance(self.spacing, str) and self.spacing.strip().lower() in ("source", "none", ""):
-            self.spacing = None
-        if self.spacing is not None:
-            try:
-                self.spacing = float(self.spacing)
-            except (TypeError, ValueError):
-                self.spacing = math.nan
-            if not (math.isfinite(self.spacing) and self.spacing > 0):
-                raise ConfigError(f"--spacing must be a number of mm > 0 or 'source'; got {self.spacing!r}")
-        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 16:
+        self.spacing = _spacing(self.spacing)
+        if not _is_count(self.size, 16):
             raise ConfigError(f"--size must be an integer >= 16 (in-plane voxels); got {self.size!r}")
         if self.centre not in ("lv", "heart"):
             raise ConfigError(f"--centre must be 'lv' or 'heart'; got {self.centre!r}")
-        if (
-            isinstance(self.num_workers, bool)
-            or not isinstance(self.num_workers, (int, np.integer))
-            or self.num_workers < 1
-        ):
+        if not _is_count(self.num_workers, 1):
             raise ConfigError(f"--num_workers must be an integer >= 1; got {self.num_workers!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+        if not _is_count(self.seed, 0):
             raise ConfigError(f"--seed must be a non-negative integer; got {self.seed!r}")
-        self.split_fractions = _check_fractions(self.split_fractions)
+        self.split_fractions = check_fractions(self.split_fractions)
         self.labels = parse_labels(self.labels) or LABEL_CODES[self.format]
         if isinstance(self.columns, Mapping):
             self.columns = DemographicColumns(**self.columns)
@@ -147,6 +135,24 @@ class PrepareSpec:
             raise ConfigError(f"--out {out}: exists and is not empty; choose a new folder or pass --overwrite")
         if Path(self.source).resolve() == out.resolve():
             raise ConfigError(f"--out {out} must differ from --source")
+
+
+def _is_count(value: Any, minimum: int) -> bool:
+    """An integer (not a bool) >= ``minimum``."""
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= minimum
+
+
+def _spacing(value: Any) -> float | None:
+    """``--spacing``: mm > 0, or None for 'source' / 'none' / '' (keep each record's own)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("source", "none", "")):
+        return None
+    try:
+        spacing = float(value)
+    except (TypeError, ValueError):
+        spacing = math.nan
+    if not (math.isfinite(spacing) and spacing > 0):
+        raise ConfigError(f"--spacing must be a number of mm > 0 or 'source'; got {spacing!r}")
+    return spacing
 
 
 # ------------------------------------------------------------------------------------ one subject

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from scripts.attributes import ATTRIBUTE_NAMES
+from scripts.cohort import CSV_COLUMNS, SPLITS, SUBJECT_COLUMNS, csv_bytes, format_value
 from scripts.files import write_bytes_atomic
-from scripts.phantom import CSV_COLUMNS, SPLITS, _csv_bytes, _format_value
 
 __all__ = ["summary_text", "write_index"]
 
@@ -50,13 +50,13 @@ def write_index(
                     phase,
                     image,
                     label,
-                    *(_format_value(n, sub["attributes"][phase][n]) for n in ATTRIBUTE_NAMES),
+                    *(format_value(n, sub["attributes"][phase][n]) for n in ATTRIBUTE_NAMES),
                 ]
             )
             entries[split_of[sid]].append({"id": vid, "subject": sid, "image": image, "label": label})
-    write_bytes_atomic(folder / "attributes.csv", _csv_bytes(CSV_COLUMNS, rows))
+    write_bytes_atomic(folder / "attributes.csv", csv_bytes(CSV_COLUMNS, rows))
     subject_rows = [[s["subject"], settings["format"], s["group"], split_of[s["subject"]]] for s in included]
-    write_bytes_atomic(folder / "subjects.csv", _csv_bytes(("subject", "domain", "group", "split"), subject_rows))
+    write_bytes_atomic(folder / "subjects.csv", csv_bytes(SUBJECT_COLUMNS, subject_rows))
     reasons: dict[str, int] = {}
     for e in excluded:
         reasons[e["reason"]] = reasons.get(e["reason"], 0) + 1

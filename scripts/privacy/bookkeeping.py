@@ -379,28 +379,37 @@ def _summed_losses(
     return total
 
 
+def _unit_results(
+    layers: Sequence[_Layer], count: int, sq: torch.Tensor
+) -> tuple[list[tuple[_Layer, dict[str, torch.Tensor]]], list]:
+    """Each layer's per-unit gradients (summed over its calls) and deferred sums; adds their squared
+    per-unit norms into ``sq`` in place."""
+    kept: list[tuple[_Layer, dict[str, torch.Tensor]]] = []
+    deferred = []
+    for layer in layers:
+        per_unit: dict[str, torch.Tensor] = {}
+        for call in layer.calls:
+            if call.result is None:  # this call's output did not reach the loss: zero gradient
+                continue
+            for n, g in call.result.per_unit.items():
+                per_unit[n] = g if n not in per_unit else per_unit[n] + g
+            if call.result.sq_norms is not None:
+                sq += call.result.sq_norms.to(sq.dtype)
+            if call.result.deferred is not None:
+                deferred.append((layer, call.result.deferred))
+        for g in per_unit.values():
+            sq += torch.linalg.vector_norm(g.reshape(count, -1), dim=1, dtype=sq.dtype).pow(2)
+        kept.append((layer, per_unit))
+    return kept, deferred
+
+
 def _clip_and_add(
     layers: Sequence[_Layer], count: int, max_grad_norm: float, summed: list[torch.Tensor]
 ) -> torch.Tensor:
     """Per-unit norms from the layers' results, clip factors, and the book-keeping sums into ``summed``."""
     with torch.no_grad():
         sq = torch.zeros(count, dtype=summed[0].dtype, device=summed[0].device)
-        kept: list[tuple[_Layer, dict[str, torch.Tensor]]] = []
-        deferred = []
-        for layer in layers:
-            per_unit: dict[str, torch.Tensor] = {}
-            for call in layer.calls:
-                if call.result is None:  # this call's output did not reach the loss: zero gradient
-                    continue
-                for n, g in call.result.per_unit.items():
-                    per_unit[n] = g if n not in per_unit else per_unit[n] + g
-                if call.result.sq_norms is not None:
-                    sq += call.result.sq_norms.to(sq.dtype)
-                if call.result.deferred is not None:
-                    deferred.append((layer, call.result.deferred))
-            for g in per_unit.values():
-                sq += torch.linalg.vector_norm(g.reshape(count, -1), dim=1, dtype=sq.dtype).pow(2)
-            kept.append((layer, per_unit))
+        kept, deferred = _unit_results(layers, count, sq)
         norms = sq.sqrt()
         finite = torch.isfinite(norms)
         factors = torch.where(finite, clip_factor(norms, max_grad_norm), torch.zeros_like(norms))

@@ -67,6 +67,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from scripts.errors import ConfigError
 from scripts.privacy.bookkeeping import bookkeeping_clipped_sum, unsupported_layers
 from scripts.privacy.clipping import MODES, accumulation_dtype, clip_bound, clip_factor
 from torch import nn
@@ -102,7 +103,7 @@ def resolve_grad_sample_mode(mode: str, device: str | torch.device = "cpu", netw
     """
     if mode != "auto":
         if mode not in MODES:
-            raise ValueError(f"config field 'grad_sample_mode': expected 'auto' or one of {list(MODES)}, got {mode!r}")
+            raise ConfigError(f"config field 'grad_sample_mode': expected 'auto' or one of {list(MODES)}, got {mode!r}")
         return mode
     device = torch.device(device)
     problems = unsupported_layers(network) if network is not None else []
