@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-STAGE = ["configs/train_autoencoder.yaml", "configs/small_autoencoder.yaml"]
+STAGE = ["configs/common.yaml", "configs/train_autoencoder.yaml", "configs/small_autoencoder.yaml"]
 # recipe name -> (extra config files merged after STAGE, command-line overrides)
 RECIPES: dict[str, tuple[list[str], dict[str, str]]] = {
     # the v0.4.1 demo recipe: 8x in-plane, latent 8 x 8 x 8 per slice, 6 epochs of batch 2 (168 steps)
@@ -97,6 +97,55 @@ RECIPES: dict[str, tuple[list[str], dict[str, str]]] = {
             "network_def#latent_channels": "8",
         },
     ),
+    # 4x in-plane, 2 latent channels, the demo's 1,120-step budget (40 epochs of batch 2)
+    "4x_c2_long": (
+        [],
+        {
+            "epochs": "40",
+            "batch_size": "2",
+            "lr": "1.0e-3",
+            "network_def#channels": "[16,32,64]",
+            "network_def#attention_levels": "[False,False,False]",
+            "network_def#latent_channels": "2",
+        },
+    ),
+    # 4x in-plane, 4 latent channels, the demo's 1,120-step budget
+    "4x_c4_long": (
+        [],
+        {
+            "epochs": "40",
+            "batch_size": "2",
+            "lr": "1.0e-3",
+            "network_def#channels": "[16,32,64]",
+            "network_def#attention_levels": "[False,False,False]",
+            "network_def#latent_channels": "4",
+        },
+    ),
+    # 4x in-plane with the 8x recipe's narrow levels (one downsampling fewer: about its cost per step), 2 latent
+    # channels (512 numbers per slice, as the 8x latent), the demo's 1,120-step budget
+    "4x_narrow_c2": (
+        [],
+        {
+            "epochs": "40",
+            "batch_size": "2",
+            "lr": "2.0e-3",
+            "network_def#channels": "[8,16,32]",
+            "network_def#attention_levels": "[False,False,False]",
+            "network_def#latent_channels": "2",
+        },
+    ),
+    # the same, 4 latent channels (1,024 numbers per slice)
+    "4x_narrow_c4": (
+        [],
+        {
+            "epochs": "40",
+            "batch_size": "2",
+            "lr": "2.0e-3",
+            "network_def#channels": "[8,16,32]",
+            "network_def#attention_levels": "[False,False,False]",
+            "network_def#latent_channels": "4",
+        },
+    ),
     # the current demo recipe with the L2 reconstruction loss (PSNR's own) instead of L1
     "demo_l2": (["configs/demo_autoencoder.yaml"], {"reconstruction": "l2"}),
     # the current demo recipe (configs/demo_autoencoder.yaml)
@@ -104,9 +153,11 @@ RECIPES: dict[str, tuple[list[str], dict[str, str]]] = {
 }
 
 
-def train(name: str, work: Path, threads: int) -> float:
+def train(name: str, work: Path, threads: int, epochs: int | None = None) -> float:
     """Run the recipe's autoencoder stage into ``work/name``; returns its wall time in seconds."""
     files, overrides = RECIPES[name]
+    if epochs is not None:  # the same number of steps for every candidate
+        overrides = dict(overrides, epochs=str(epochs))
     out = work / name
     config = "[" + ",".join(f"'{f}'" for f in STAGE + files) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config, "--resume", "False"]
@@ -161,6 +212,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--checkpoints", nargs="*", default=[], metavar="NAME=PATH", help="also measure these autoencoder checkpoints"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=None, help="train every recipe this many epochs (28 steps each)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -172,7 +224,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [{"recipe": "originals", "lv_found": lv_found(originals, spacing)}]
     measured = [(name, None) for name in args.recipes] + [tuple(c.split("=", 1)) for c in args.checkpoints]
     for name, path in measured:
-        seconds = None if args.no_train or path else train(name, work, args.threads)
+        seconds = None if args.no_train or path else train(name, work, args.threads, args.epochs)
         autoencoder = load_autoencoder(path or str(work / name / "models" / "autoencoder.pt"))
         with torch.no_grad():
             recon = torch.cat([autoencoder.decode(autoencoder.encode(x)[0]) for x in originals.split(4)]).clamp(0, 1)
