@@ -110,3 +110,17 @@ def test_a_resume_with_another_scope_is_refused_and_another_mode_recorded(tmp_pa
     # a checkpoint written before the scope was recorded still resumes
     old = {**state, "settings": {k: v for k, v in state["settings"].items() if k != "finetune_scope"}}
     _ledger(tmp_path).load_state_dict(old)
+
+
+def test_choice_options_are_checked_before_a_stage_runs():
+    from scripts.errors import _FORMS, check_options
+    from scripts.privacy.clipping import MODES
+    from scripts.privacy.validation import SCOPES
+
+    # the forms name the same choices the DP handler accepts
+    assert _FORMS["grad_sample_mode"][0] == "one of " + ", ".join(("auto", *MODES))
+    assert _FORMS["finetune_scope"][0] == "one of " + ", ".join(SCOPES)
+    for name, bad in (("grad_sample_mode", "foo"), ("condition_dropout", 2), ("finetune_scope", "al")):
+        with pytest.raises(ConfigError, match=f"option --{name}: expected"):
+            check_options(**{name: bad})
+    check_options(grad_sample_mode="auto", condition_dropout=0.1, finetune_scope="all", privacy_unit="record")

@@ -26,18 +26,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opacus.accountants import IAccountant
-from scripts.privacy.accounting import calibrate_noise_after
 from scripts.privacy.composition import compose, entry_history, largest_fitting
 from scripts.privacy.journal import WriteAheadJournal, run_id
 from scripts.privacy.ledger_checks import (
     RESUME_KEYS,
     check_delta,
-    check_noise,
     check_prior,
     check_resume,
     check_settings,
     check_step_arguments,
     refuse_no_step,
+    stage_sigma,
 )
 from scripts.privacy.report import build_report, write_report
 
@@ -59,6 +58,8 @@ class PrivacyLedger(IAccountant):
         noise_multiplier: use this sigma instead of calibrating (the report still states the
             epsilon it gives). 0 switches the noise off: epsilon is infinite, so it needs
             ``target_epsilon=inf`` (sensitivity tests only).
+        resume_run_id: the run of the checkpoint about to be resumed: when the write-ahead file
+            is that run's, its entry is not composed as an earlier run and its sigma is kept.
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class PrivacyLedger(IAccountant):
         prior_stages: Sequence[Mapping[str, Any]] = (),
         path: str | None = None,
         noise_multiplier: float | None = None,
+        resume_run_id: str | None = None,
     ) -> None:
         super().__init__()
         check_settings(settings, sample_rate, epochs)
@@ -81,29 +83,25 @@ class PrivacyLedger(IAccountant):
         self.steps_per_epoch = int(1 / self.sample_rate)
         self.planned_steps = int(epochs) * self.steps_per_epoch
         self.journal = WriteAheadJournal(path)
-        self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
-        # the run's identity: random, not the start time (two runs started in the same second
-        # were taken for one, and a resume composed 8 of their 18 steps)
+        self.started, self.status = time.strftime("%Y-%m-%dT%H:%M:%S"), "running"
+        # random, not the start time: two runs started in the same second were taken for one
         self.run_id = secrets.token_hex(8)
-        self.status = "running"
         self.prior = [dict(s) for s in prior_stages]
-        check_prior(self.prior, self.settings["privacy_unit"])
         # a run of this stage killed before its first checkpoint: its steps were taken on the
         # private data, so they are composed (a resume of that same run replaces this entry)
-        self.interrupted = self.journal.interrupted_entries(self.settings["stage"])
-        check_prior(self.interrupted, self.settings["privacy_unit"])
+        own = resume_run_id is not None and run_id(self.journal.previous) == resume_run_id
+        self.interrupted = [] if own else self.journal.interrupted_entries(self.settings["stage"])
+        self.release_pending = False  # set on resume: the run did its steps but not its final files
+        check_prior(self.all_prior, self.settings["privacy_unit"])
         if self.interrupted:
             logger.warning(
                 f"{path}: a run started {self.journal.previous.get('started')} took {self.interrupted[-1]['steps']} DP "
                 "step(s) and left no checkpoint; its privacy cost is composed into this run's epsilon"
             )
-        prior_history = entry_history(self.all_prior)
-        check_noise(noise_multiplier, self.target_epsilon, prior_history)
-        if noise_multiplier is None:
-            noise_multiplier = calibrate_noise_after(
-                prior_history, self.target_epsilon, self.delta, self.sample_rate, self.planned_steps, self.accountant
-            )
-        self.noise_multiplier = float(noise_multiplier)
+        if noise_multiplier is None and own:  # the resumed run's sigma (the checkpoint restores it)
+            noise_multiplier = self.journal.previous["stages"][-1]["noise_multiplier"]
+        stage = {**self.settings, "sample_rate": self.sample_rate}
+        self.noise_multiplier = stage_sigma(noise_multiplier, stage, self.all_prior, self.planned_steps)
         self.safe_steps = self._safe_steps()
         if self.safe_steps == 0:
             refuse_no_step(self.entry(), self.all_prior)
@@ -234,6 +232,7 @@ class PrivacyLedger(IAccountant):
         self.run_id = run_id(state)
         saved_interrupted = [dict(s) for s in state.get("interrupted", [])]
         logged = self.journal.steps_after_checkpoint(self.run_id)
+        self.release_pending = logged is not None and self.journal.previous.get("status") != "complete"
         if logged is not None:
             # the file is this run's own write-ahead record: its interrupted predecessors are in the checkpoint
             self.interrupted = saved_interrupted

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from scripts.errors import ConfigError
+from scripts.privacy.accounting import calibrate_noise_after
 from scripts.privacy.composition import compose, entry_history
+from scripts.privacy.journal import INTERRUPTED
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +81,33 @@ def refuse_no_step(entry: Mapping[str, Any], prior: Sequence[Mapping[str, Any]])
     )
 
 
+def stage_sigma(
+    sigma: float | None, entry: Mapping[str, Any], prior: Sequence[Mapping[str, Any]], planned_steps: int
+) -> float:
+    """The stage's noise multiplier: ``sigma`` when given (checked), else calibrated for the plan after ``prior``.
+
+    When an interrupted run of this stage left its steps in the write-ahead file, a target
+    they already exhaust is refused with the command that finishes that run instead.
+    """
+    target, history = float(entry["target_epsilon"]), entry_history(prior)
+    check_noise(sigma, target, history)
+    if sigma is not None:
+        return float(sigma)
+    q, delta, accountant = float(entry["sample_rate"]), float(entry["delta"]), str(entry["accountant"])
+    try:
+        return float(calibrate_noise_after(history, target, delta, q, planned_steps, accountant))
+    except ConfigError as err:
+        interrupted = [s for s in prior if INTERRUPTED in str(s.get("stage"))]
+        if not interrupted:
+            raise
+        raise ConfigError(
+            f"{err} The write-ahead ledger holds {sum(int(s['steps']) for s in interrupted)} step(s) of an "
+            "interrupted run of this stage, which count against the budget. If that run did its steps and its resume "
+            "checkpoint is there, rerun the same command with --resume True (the default) to finish it without a "
+            "step; a new run (--resume False) spends its own budget on top"
+        ) from None
+
+
 def check_step_arguments(sigma: float | None, rate: float | None, own_sigma: float, own_rate: float) -> None:
     """Opacus's ``step(noise_multiplier=, sample_rate=)`` may only repeat the ledger's own values."""
     for name, value, own in (("noise_multiplier", sigma, own_sigma), ("sample_rate", rate, own_rate)):
@@ -116,6 +146,11 @@ def check_noise(noise_multiplier: float | None, target_epsilon: float, prior_his
         )
 
 
+def same_path(a: str, b: str) -> bool:
+    """Two spellings of one relative path (``./data/x`` and ``data/x``), or the same absolute path."""
+    return os.path.normpath(a) == os.path.normpath(b)
+
+
 def check_resume(state: Mapping[str, Any], settings: dict[str, Any], prior: Sequence[Mapping[str, Any]]) -> None:
     """Refuse a resume that changes a privacy setting or the earlier stages; record a changed clipping mode.
 
@@ -124,7 +159,9 @@ def check_resume(state: Mapping[str, Any], settings: dict[str, Any], prior: Sequ
     only since v0.5 (:data:`LATER_KEYS`) is not compared when an older checkpoint lacks it. The per-unit gradient mode
     may change (every mode clips the same per-unit gradients): the entry then names both.
     """
-    saved = state.get("settings", {})
+    saved = dict(state.get("settings", {}))
+    if isinstance(saved.get("dataset"), str) and isinstance(settings.get("dataset"), str):  # "./data/x" is "data/x"
+        saved["dataset"] = settings["dataset"] if same_path(saved["dataset"], settings["dataset"]) else saved["dataset"]
     changed = [k for k in RESUME_KEYS if (k in saved or k not in LATER_KEYS) and saved.get(k) != settings.get(k)]
     if changed:
         flags = " ".join(f"--{k} {saved.get(k)}" for k in changed)
