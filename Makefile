@@ -18,7 +18,7 @@ DEMO_TIMES ?= outputs/demo_times.tsv
 DEMO_PRETRAIN ?= 0
 DEMO_WEIGHTS := $(if $(filter 1,$(DEMO_PRETRAIN)),'',models/demo)
 
-.PHONY: install demo pretrain test clean
+.PHONY: install demo pretrain test test-fast clean
 
 # The stamp depends on the requirement files, so a changed pin reinstalls.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -50,6 +50,11 @@ test: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests
+
+# the unit tests only (no bundle stage, CLI or torchrun process; tests/conftest.py marks those): a few minutes
+test-fast: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not stage and not distributed" tests
 
 clean:
 	rm -rf data eval outputs models/*.pt models/*.json

@@ -6,7 +6,7 @@
 
 The quality side of ``benchmarks/sampling.py`` (whose latent-statistics columns are only a proxy):
 every sampler generates the same requests with the same seeds through
-:class:`scripts.inference.Synthesizer`, and the evaluation API (``scripts.evaluation``) measures
+:class:`scripts.synthesis.Synthesizer`, and the evaluation API (``scripts.evaluation``) measures
 them. Requests are the attributes of a real cohort's split (default: the PUBLIC test split, so
 nothing private is used), as ED/ES pairs with the same seed. Columns: UNet evaluations per volume
 (counted), seconds per volume, ``FD_seg3d`` against that split's real volumes (lower is better;
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark; prints a table and returns its rows."""
     from scripts.evaluation import control, features, fidelity, segmenter
     from scripts.evaluation.volumes import load_real, to_network_layout
-    from scripts.inference import Synthesizer, load_matching_autoencoder, load_model, resolve_autoencoder_path
     from scripts.sampling import build_scheduler
+    from scripts.synthesis import Synthesizer, load_matching_autoencoder, load_model, resolve_autoencoder_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/model.pt")

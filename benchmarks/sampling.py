@@ -4,7 +4,7 @@
                                   [--guidance 2.0] [--device cpu] [--configs ddpm:150 ddim:50 ddim:25 ddim:10]
 
 Every configuration runs with and without classifier-free guidance (``--guidance``) through the
-same code as ``configs/inference.yaml`` (:class:`scripts.inference.Synthesizer`): ``--volumes``
+same code as ``configs/inference.yaml`` (:class:`scripts.synthesis.Synthesizer`): ``--volumes``
 volumes in one batch, seeds 0..V-1, all conditioned on the sweep's default healthy adult.
 
 - UNet evaluations per volume are **counted** by a forward hook on the diffusion network
@@ -109,7 +109,7 @@ def random_networks(device: str) -> tuple[torch.nn.Module, torch.nn.Module, dict
 
 def trained_networks(model_path: str, device: str) -> tuple[torch.nn.Module, torch.nn.Module, dict, str]:
     """The model to sample from and its autoencoder, as ``configs/inference.yaml`` loads them."""
-    from scripts.inference import load_matching_autoencoder, load_model, resolve_autoencoder_path
+    from scripts.synthesis import load_matching_autoencoder, load_model, resolve_autoencoder_path
 
     network, info = load_model(model_path, device, "ema", str(REPO))
     autoencoder = load_matching_autoencoder(resolve_autoencoder_path(None, info, model_path, str(REPO)), info, device)
@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    from scripts.inference import Synthesizer
     from scripts.sampling import build_scheduler, decode_latents
+    from scripts.synthesis import Synthesizer
 
     if os.path.isfile(args.model) and not args.random_init:
         network, autoencoder, info, source = trained_networks(args.model, args.device)

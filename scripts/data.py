@@ -454,6 +454,7 @@ def get_dataset(
     split: str,
     spatial_size: Sequence[int],
     attribute_ranges: Mapping[str, Sequence[float]],
+    *,
     attributes_csv: str | None = None,
     cache: bool = True,
 ) -> Dataset:

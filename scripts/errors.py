@@ -100,6 +100,13 @@ def _at_least(parse: Callable[[Any], Any], low: float, strict: bool = False) -> 
     return check
 
 
+class _UnitInterval:
+    def __contains__(self, value: float | None) -> bool:
+        return value is not None and 0.0 <= value <= 1.0
+
+
+_UNIT = _UnitInterval()
+
 # form -> (expected form in words, parser returning the value or None when it does not fit)
 _FORMS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "integer >= 0": ("an integer >= 0", _at_least(_integer, 0)),
@@ -108,7 +115,21 @@ _FORMS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "number >= 0": ("a number >= 0", _at_least(_number, 0.0)),
     # Fire reads only True/False as booleans: `--resume false` arrives as the (true) string 'false'
     "boolean": ("True or False (capitalised)", lambda value: value if isinstance(value, bool) else None),
+    "probability": (
+        "a number in [0, 1]",
+        lambda value: v if (v := _number(value)) is not None and 0 <= v <= 1 else None,
+    ),
 }
+
+
+def _one_of(*choices: str) -> tuple[str, Callable[[Any], Any]]:
+    return f"one of {', '.join(choices)}", lambda value: value if value in choices else None
+
+
+# choices the stages check later, with a less direct message, once the networks are built
+_FORMS["grad_sample_mode"] = _one_of("auto", "loop", "vmap", "bookkeeping")
+_FORMS["finetune_scope"] = _one_of("all", "attention", "conditioning")
+_FORMS["privacy_unit"] = _one_of("subject", "record")
 
 #: the expected form of the command-line options that the stages share
 OPTION_FORMS: dict[str, str] = {
@@ -133,6 +154,10 @@ OPTION_FORMS: dict[str, str] = {
     "overwrite": "boolean",
     "secure_mode": "boolean",
     "clip_out_of_range": "boolean",
+    "condition_dropout": "probability",
+    "grad_sample_mode": "grad_sample_mode",
+    "finetune_scope": "finetune_scope",
+    "privacy_unit": "privacy_unit",
 }
 
 

@@ -165,6 +165,16 @@ def sha256(path: str | os.PathLike) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def bundle_path(path: str | os.PathLike, bundle_root: str | os.PathLike = ".") -> str:
+    """``path`` relative to the bundle root when it lies under it, else as given.
+
+    Checkpoints store the files they depend on this way, so a copied or moved bundle root
+    finds its own files, not those of the root it was copied from.
+    """
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(bundle_root))
+    return str(path) if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+
 def nifti_gz_bytes(array: np.ndarray, affine: np.ndarray, description: str | None = None) -> bytes:
     """A gzip-compressed NIfTI-1 image as bytes, byte-reproducible (gzip mtime 0, no file name).
 

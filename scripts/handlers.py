@@ -36,7 +36,14 @@ def atomic_torch_save(obj: Any, path: str) -> None:
         torch.save(obj, tmp)
 
 
-def resume(path: str, objects: Mapping[str, Any], trainer: Engine, map_location: Any = "cpu") -> bool:
+def resume(
+    path: str,
+    objects: Mapping[str, Any],
+    trainer: Engine,
+    map_location: Any = "cpu",
+    *,
+    finish_pending: Callable[[], bool] | None = None,
+) -> bool:
     """Restore a run from the resume checkpoint written by :class:`AtomicCheckpoint`, if it exists.
 
     Called before ``trainer.run()`` rather than as a STARTED handler: the trainer's handlers
@@ -49,6 +56,10 @@ def resume(path: str, objects: Mapping[str, Any], trainer: Engine, map_location:
         objects: ``{key: object with load_state_dict}`` matching the saved keys.
         trainer: the Ignite trainer; its epoch / iteration counters are restored.
         map_location: ``torch.load`` map location.
+        finish_pending: for a checkpoint of a run that did every epoch: called after its objects
+            are restored, True when that run was killed before its final files (the DP stage: its
+            write-ahead ledger is not marked complete). The run is then restored, not refused,
+            and :func:`finish` writes those files without a step.
 
     Returns:
         True if a checkpoint was restored.
@@ -68,7 +79,8 @@ def resume(path: str, objects: Mapping[str, Any], trainer: Engine, map_location:
     max_epochs = trainer.state.max_epochs
     state = ckpt["trainer"]  # Ignite's Engine.state_dict(): iteration, epoch_length, max_epochs
     done = state["epoch"] if "epoch" in state else state["iteration"] // max(state.get("epoch_length") or 1, 1)
-    if max_epochs is not None and done >= max_epochs:
+    finished = max_epochs is not None and done >= max_epochs
+    if finished and finish_pending is None:
         raise ConfigError(
             f"{path}: the run to resume has already done {done} epochs (configured epochs={max_epochs}); "
             f"pass --epochs N with N > {done} to continue it, or --resume False to start afresh"
@@ -82,10 +94,51 @@ def resume(path: str, objects: Mapping[str, Any], trainer: Engine, map_location:
                 f"({type(e).__name__}: {str(e).strip()[:200]}); "
                 "resume with the settings it was written with, or pass --resume False to start afresh"
             ) from e
+    if finished and not finish_pending():
+        raise ConfigError(
+            f"{path}: the run to resume has already done {done} epochs (configured epochs={max_epochs}) and wrote "
+            f"its final files; pass --epochs N with N > {done} to continue it, or --resume False to start afresh"
+        )
     trainer.load_state_dict(ckpt["trainer"])
     if max_epochs is not None:
         trainer.state.max_epochs = max_epochs
     logger.info(f"resumed from {path} at epoch {trainer.state.epoch}")
+    return True
+
+
+def checkpoint_run_id(path: str) -> str | None:
+    """The run id of the privacy ledger a DP resume checkpoint holds (None: no such checkpoint or no ledger).
+
+    Read before the ledger is built, so that a rerun recognises its own write-ahead entry
+    instead of composing it as an earlier run; a file that cannot be read is the resume's to
+    report, so it gives None here.
+    """
+    if not os.path.isfile(path):
+        return None
+    try:
+        ledger = torch.load(path, map_location="cpu", weights_only=False).get("dp", {}).get("ledger", {})
+    except Exception:  # noqa: BLE001 - any unreadable file: the resume names it with the stage to rerun
+        return None
+    return ledger.get("run_id") or ledger.get("started")
+
+
+def finish(trainer: Engine) -> bool:
+    """Fire COMPLETED on a trainer restored at its last epoch, instead of running it: the final files without a step.
+
+    A run killed after its last step, while its final checkpoint or report was written, has
+    spent its whole budget; ``trainer.run()`` on a finished state would start over. Firing the
+    event runs exactly the end-of-run handlers (final checkpoint, privacy report, MLflow).
+
+    Returns:
+        True if the trainer was finished this way, False if it still has epochs to run.
+    """
+    if trainer.state.max_epochs is None or trainer.state.epoch < trainer.state.max_epochs:
+        return False
+    logger.warning(
+        f"the resumed run did all {trainer.state.epoch} epochs but was stopped before its final files: writing them "
+        "from its last checkpoint, without a training step (no privacy is spent)"
+    )
+    trainer.fire_event(Events.COMPLETED)
     return True
 
 

@@ -97,6 +97,7 @@ class AutoencoderKLLoss(nn.Module):
 
     def __init__(
         self,
+        *,
         reconstruction: str = "l1",
         kl_weight: float = 1e-6,
         perceptual_weight: float = 0.0,

@@ -1027,6 +1027,7 @@ def generate_cohorts(specs: Sequence[CohortSpec]) -> list[dict[str, Any]]:
 
 def generate_cohort(
     out_dir: str | os.PathLike,
+    *,
     subjects: int = 20,
     domain: str = "public",
     seed: int = 0,
@@ -1070,6 +1071,7 @@ def generate_cohort(
 
 def main(
     out: str,
+    *,
     subjects: int = 20,
     domain: str = "public",
     seed: int = 0,

@@ -31,7 +31,6 @@ release leaves nothing half-written.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.errors import BundleError
+from scripts.files import sha256
 
 HASH_TYPE = "sha256"
 # what the archive holds, relative to the bundle root (folders are copied recursively)
@@ -93,22 +93,6 @@ class Asset:
     def file_name(self) -> str:
         """The name of the file published beside the archive (and in its URL)."""
         return Path(self.path).name
-
-
-def sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file (read in 1 MiB blocks).
-
-    Args:
-        path: the file.
-
-    Returns:
-        the hex digest.
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_metadata(bundle_root: str | os.PathLike) -> dict[str, Any]:
@@ -203,23 +187,8 @@ def _check_scale_factor(option: str, path: Path, ckpt: dict[str, Any], autoencod
         )
 
 
-def check_weights(
-    autoencoder: Path, diffusion: Path, model: Path | None, report: Path | None, *, allow_non_private: bool = False
-) -> list[Asset]:
-    """Check the weights to publish and return them as assets (autoencoder, diffusion[, model, report]).
-
-    Args:
-        autoencoder: public pre-trained autoencoder (``models/autoencoder.pt``).
-        diffusion: public pre-trained diffusion model (``models/diffusion.pt``).
-        model: DP fine-tuned model (``models/model.pt``) or None.
-        report: its privacy report, required with ``model``.
-
-    Returns:
-        the assets, each with its bundle path ``models/<file name>`` and its SHA-256.
-
-    Raises:
-        ReleaseError: naming the file, the option and what is expected.
-    """
+def _check_public_autoencoder(autoencoder: Path) -> float:
+    """The public pre-trained autoencoder, complete; returns its latent scale factor."""
     ae = _load(autoencoder, "--autoencoder", AUTOENCODER_STAGE)
     if "network" not in ae or "scale_factor" not in ae["network"]:
         raise ReleaseError(
@@ -234,23 +203,11 @@ def check_weights(
         raise ReleaseError(
             f"--autoencoder: {autoencoder}: the latent scale factor was never measured (the stage did not complete)"
         )
-    ldm = _load(diffusion, "--diffusion", DIFFUSION_STAGE)
-    if "dp" in ldm or "ema" not in ldm:
-        raise ReleaseError(
-            f"--diffusion: {diffusion} is not the public pre-trained diffusion model (expected the file "
-            f"{DIFFUSION_STAGE} writes; a DP fine-tuned model is published with --model and --report)"
-        )
-    ae_scale = float(ae["network"]["scale_factor"])
-    _check_scale_factor("--diffusion", diffusion, ldm, autoencoder, ae_scale)
-    assets = [_asset(autoencoder, "autoencoder.pt"), _asset(diffusion, "diffusion.pt")]
-    if model is None:
-        if report is not None:
-            raise ReleaseError(
-                f"--report {report} given without --model: pass the DP fine-tuned model the report is about"
-            )
-        # a public-only release: the public diffusion model is also the bundle's models/model.pt (the file the
-        # Model Zoo's checks and configs/inference.yaml expect); trained on public data only, it needs no DP guarantee
-        return [*assets, _asset(diffusion, "model.pt")]
+    return float(ae["network"]["scale_factor"])
+
+
+def _check_report(model: Path, report: Path | None, autoencoder: Path, allow_non_private: bool) -> str:
+    """The DP model's report: present, about this model and autoencoder, complete, private; returns the model hash."""
     if report is None or not report.is_file():
         raise ReleaseError(
             f"--model {model}: its privacy report {report or '<none>'} was not found; a DP fine-tuned model is only "
@@ -284,6 +241,44 @@ def check_weights(
             f"{'inf' if epsilon is None else epsilon}, covers {info.get('covers', 'nothing')!r}): publishing it "
             f"publishes the private data. Pass --allow_non_private only if that is intended (the archive then says so)"
         )
+    return digest
+
+
+def check_weights(
+    autoencoder: Path, diffusion: Path, model: Path | None, report: Path | None, *, allow_non_private: bool = False
+) -> list[Asset]:
+    """Check the weights to publish and return them as assets (autoencoder, diffusion[, model, report]).
+
+    Args:
+        autoencoder: public pre-trained autoencoder (``models/autoencoder.pt``).
+        diffusion: public pre-trained diffusion model (``models/diffusion.pt``).
+        model: DP fine-tuned model (``models/model.pt``) or None.
+        report: its privacy report, required with ``model``.
+
+    Returns:
+        the assets, each with its bundle path ``models/<file name>`` and its SHA-256.
+
+    Raises:
+        ReleaseError: naming the file, the option and what is expected.
+    """
+    ae_scale = _check_public_autoencoder(autoencoder)
+    ldm = _load(diffusion, "--diffusion", DIFFUSION_STAGE)
+    if "dp" in ldm or "ema" not in ldm:
+        raise ReleaseError(
+            f"--diffusion: {diffusion} is not the public pre-trained diffusion model (expected the file "
+            f"{DIFFUSION_STAGE} writes; a DP fine-tuned model is published with --model and --report)"
+        )
+    _check_scale_factor("--diffusion", diffusion, ldm, autoencoder, ae_scale)
+    assets = [_asset(autoencoder, "autoencoder.pt"), _asset(diffusion, "diffusion.pt")]
+    if model is None:
+        if report is not None:
+            raise ReleaseError(
+                f"--report {report} given without --model: pass the DP fine-tuned model the report is about"
+            )
+        # a public-only release: the public diffusion model is also the bundle's models/model.pt (the file the
+        # Model Zoo's checks and configs/inference.yaml expect); trained on public data only, it needs no DP guarantee
+        return [*assets, _asset(diffusion, "model.pt")]
+    digest = _check_report(model, report, autoencoder, allow_non_private)
     dp = _load(model, "--model", DP_STAGE)
     if "dp" not in dp:
         raise ReleaseError(
@@ -430,6 +425,26 @@ def cohort_card(
         raise ReleaseError(f"--attributes_model: {err}") from None
 
 
+def _stage_assets(assets: list[Asset], staging: Path, out_dir: Path, strip_training_state: bool) -> None:
+    """Copy (or strip) every asset into the staging folder; refuse to replace another release's file."""
+    for asset in assets:
+        staged = staging / asset.file_name
+        if strip_training_state and asset.file_name in STRIPPABLE:
+            write_weights_only(asset.source, staged)
+            asset.sha256, asset.size = sha256(staged), staged.stat().st_size
+        else:
+            shutil.copyfile(asset.source, staged)
+            if sha256(staged) != asset.sha256:
+                raise ReleaseError(f"{asset.source} changed while the release was built; run it again")
+    for asset in assets:  # a published file of another release must not be replaced (that release names its hash)
+        target = out_dir / asset.file_name
+        if target.exists() and sha256(target) != asset.sha256:
+            raise ReleaseError(
+                f"--out: {target} exists with other content (published by another release?); its URL and hash "
+                f"would change under that release. Use a new --out folder for each release"
+            )
+
+
 def release(
     out: str | os.PathLike,
     base_url: str,
@@ -479,6 +494,8 @@ def release(
     model_path = Path(model) if model else None
     report_path = Path(report) if report else (model_path.parent / "privacy_report.json" if model_path else None)
     out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReleaseError(f"--out: {out_dir} exists and is not a folder; expected the folder to write the release to")
     archive_name = f"{name}_v{version}.zip"
     if (out_dir / archive_name).exists():
         raise ReleaseError(
@@ -495,22 +512,7 @@ def release(
     staging = Path(tempfile.mkdtemp(prefix=".release_tmp_", dir=out_dir))
     moved: list[Path] = []
     try:
-        for asset in assets:
-            staged = staging / asset.file_name
-            if strip_training_state and asset.file_name in STRIPPABLE:
-                write_weights_only(asset.source, staged)
-                asset.sha256, asset.size = sha256(staged), staged.stat().st_size
-            else:
-                shutil.copyfile(asset.source, staged)
-                if sha256(staged) != asset.sha256:
-                    raise ReleaseError(f"{asset.source} changed while the release was built; run it again")
-        for asset in assets:  # a published file of another release must not be replaced (that release names its hash)
-            target = out_dir / asset.file_name
-            if target.exists() and sha256(target) != asset.sha256:
-                raise ReleaseError(
-                    f"--out: {target} exists with other content (published by another release?); its URL and hash "
-                    f"would change under that release. Use a new --out folder for each release"
-                )
+        _stage_assets(assets, staging, out_dir, strip_training_state)
         members = write_archive(staging / archive_name, root, name, large_files_yaml(assets, url, non_private), card)
         # the archive's own hash (monai.bundle download checks none): `sha256sum -c <archive>.sha256`
         (staging / f"{archive_name}.sha256").write_text(f"{sha256(staging / archive_name)}  {archive_name}\n")

@@ -131,6 +131,7 @@ def sample_latents(
     condition: torch.Tensor,
     latent_shape: Sequence[int],
     guidance_scale: float | None = None,
+    *,
     seed: int = 0,
     verbose: bool = False,
     seeds: Sequence[int] | None = None,
@@ -202,6 +203,7 @@ def sample_volumes(
     condition: torch.Tensor,
     latent_shape: Sequence[int],
     guidance_scale: float | None = None,
+    *,
     seed: int = 0,
     verbose: bool = False,
     seeds: Sequence[int] | None = None,
@@ -222,5 +224,7 @@ def sample_volumes(
     Returns:
         (B, 1, D, H, W) decoded volumes.
     """
-    latents = sample_latents(network, scheduler, condition, latent_shape, guidance_scale, seed, verbose, seeds)
+    latents = sample_latents(
+        network, scheduler, condition, latent_shape, guidance_scale, seed=seed, verbose=verbose, seeds=seeds
+    )
     return decode_latents(autoencoder, latents)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +106,90 @@ def pretrained(tmp_path_factory, cohorts, bundle):
     ldm = train_diffusion(bundle, root, cohorts["public"], "--epochs", "3")
     assert ldm.returncode == 0, ldm.stderr[-3000:]
     return root
+
+
+# --- markers: `stage` and `distributed` (pytest.ini; `make test-fast` deselects both) --------------
+#
+# Marked here from the source, not by hand in each file, so a new test is marked the day it is written:
+# a test is `stage` when it, a fixture it uses, or a helper function it calls runs another process
+# (a bundle stage, a CLI, a server) or a whole bundle workflow in-process; `distributed` when that is a
+# multi-process torch.distributed run. A hand-written @pytest.mark.stage is kept as it is. An unmarked
+# test that starts a process anyway fails (see _unit_tests_start_no_process), so the split cannot rot.
+
+_SPAWNS = re.compile(r"\bsubprocess\.(run|Popen|call|check_call|check_output)\b|\brun_bundle\(|\bConfigWorkflow\(")
+_DISTRIBUTED = re.compile(r"torch\.distributed\.run|\btorchrun\b|nproc_per_node|init_process_group")
+_STAGE_FIXTURES = {"bundle"}  # fixtures whose *value* runs a stage when the test calls it
+
+
+def _source(obj) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def _spawning_helpers(module, pattern: re.Pattern) -> set[str]:
+    """Names of the functions visible in ``module`` (its own, helpers', conftest's) whose body matches
+    ``pattern`` directly or through another such function (to a fixed point)."""
+    local = {
+        name: _source(obj)
+        for name, obj in vars(module).items()
+        if inspect.isfunction(obj) and getattr(obj, "__module__", "") in (module.__name__, "helpers", "conftest")
+    }
+    found = {name for name, text in local.items() if pattern.search(text)}
+    while True:
+        more = {n for n, text in local.items() if n not in found and any(f"{f}(" in text for f in found)}
+        if not more:
+            return found
+        found |= more
+
+
+def _runs(item: pytest.Item, pattern: re.Pattern, cache: dict) -> bool:
+    module = item.module
+    key = (module.__name__, pattern.pattern)
+    if key not in cache:
+        cache[key] = _spawning_helpers(module, pattern)
+    texts = [_source(item.function)]
+    for name, defs in item._fixtureinfo.name2fixturedefs.items():  # the test's whole fixture closure
+        if name == "_unit_tests_start_no_process":  # the guard below names Popen itself
+            continue
+        texts += [_source(d.func) for d in defs if str(ROOT / "tests") in (inspect.getsourcefile(d.func) or "")]
+    return any(pattern.search(t) or any(f"{f}(" in t for f in cache[key]) for t in texts)
+
+
+def pytest_collection_modifyitems(config, items):
+    cache: dict = {}
+    for item in items:
+        if not isinstance(item, pytest.Function):
+            continue
+        distributed = _runs(item, _DISTRIBUTED, cache)
+        if distributed and not item.get_closest_marker("distributed"):
+            item.add_marker(pytest.mark.distributed)
+        stage = distributed or _runs(item, _SPAWNS, cache) or bool(_STAGE_FIXTURES & set(item.fixturenames))
+        if stage and not item.get_closest_marker("stage"):
+            item.add_marker(pytest.mark.stage)
+
+
+def _starts_python(args) -> bool:
+    command = " ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args)
+    return any(word in command for word in (sys.executable, "python", "monai.bundle", "torch.distributed"))
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request, monkeypatch):
+    """A test without the `stage` marker may not start a Python process (a stage, a CLI, torchrun): the
+    classification above would have missed a way of spawning one, and `make test-fast` would be slow.
+    Other programs (git for a commit id) stay allowed: they take milliseconds."""
+    if request.node.get_closest_marker("stage"):
+        return
+    popen_init = subprocess.Popen.__init__
+
+    def refuse(self, args, *rest, **kwargs):
+        if _starts_python(args):
+            raise AssertionError(
+                f"{request.node.nodeid} starts a Python process ({args!r}) but is not marked `stage`: mark it "
+                "@pytest.mark.stage or teach tests/conftest.py's _SPAWNS how it starts processes"
+            )
+        return popen_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

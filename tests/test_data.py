@@ -254,7 +254,7 @@ def test_truncated_nifti_names_the_file(tmp_path, cohorts, attribute_ranges):
 )
 def test_training_refuses_what_synthesis_refuses(tmp_path, cohorts, attribute_ranges, column, value, message):
     """One check (scripts.data.check_attribute) for the training data and the synthesis requests."""
-    import scripts.inference
+    import scripts.synthesis
     from scripts.data import check_attribute
 
     cohort = _copy_cohort(cohorts["private"], tmp_path / "c")
@@ -265,8 +265,8 @@ def test_training_refuses_what_synthesis_refuses(tmp_path, cohorts, attribute_ra
     request = tmp_path / "req.csv"
     request.write_text(f"{column}\n{value}\n")
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-        scripts.inference.read_requests(str(request), attribute_ranges)
-    assert scripts.inference.check_attribute is check_attribute
+        scripts.synthesis.read_requests(str(request), attribute_ranges)
+    assert scripts.synthesis.requests.check_attribute is check_attribute
     inline = tmp_path / "inline.json"
     image = str(_first_training_image(cohort))
     inline.write_text(json.dumps({"training": [{"image": image, "attributes": {column: float(value)}}]}))
@@ -277,7 +277,7 @@ def test_training_refuses_what_synthesis_refuses(tmp_path, cohorts, attribute_ra
 def test_possible_values_outside_the_reference_range_are_kept_for_training(tmp_path, cohorts, attribute_ranges):
     """A real record beyond the reference range (a very thick HCM wall) is kept and maps beyond +1 in training;
     a synthesis request for it is refused unless --clip_out_of_range True (docs/data.md, docs/synthesis.md)."""
-    import scripts.inference
+    import scripts.synthesis
 
     cohort = _copy_cohort(cohorts["private"], tmp_path / "c")
     path = _set_first_row(cohort, "MYOESTHICK", "33.5")
@@ -286,7 +286,7 @@ def test_possible_values_outside_the_reference_range_are_kept_for_training(tmp_p
     request = tmp_path / "req.csv"
     request.write_text("MYOESTHICK\n33.5\n")
     with pytest.raises(DataError, match=r"outside the reference range \[3, 30\] \(mm\).*--clip_out_of_range True"):
-        scripts.inference.read_requests(str(request), attribute_ranges)
+        scripts.synthesis.read_requests(str(request), attribute_ranges)
 
 
 @pytest.mark.parametrize("text", ["", "nan", "NaN", "NA", "n/a"])

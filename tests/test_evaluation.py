@@ -160,46 +160,47 @@ def trained_segmenter(tiny_root, cohorts, bundle):
 @pytest.fixture(scope="module")
 def synthetic_runs(tiny_root, attribute_ranges):
     """A `run inference` folder (ED/ES pairs with the same seed) and a `run sweep` folder from a tiny random model."""
-    from scripts.inference import (
+    from scripts.sampling import build_scheduler
+    from scripts.synthesis import (
+        Sweep,
+        SweepSettings,
         Synthesizer,
-        load_matching_autoencoder,
-        load_model,
+        load_generator,
         make_provenance,
         read_requests,
-        resolve_autoencoder_path,
         run_inference,
-        run_sweep,
     )
-    from scripts.sampling import build_scheduler
 
     models = _tiny_models(tiny_root)
     model_path = str(models / "model.pt")
-    network, info = load_model(model_path)
-    autoencoder = load_matching_autoencoder(resolve_autoencoder_path(None, info, model_path), info)
+    generator = load_generator(model_path)
+    info = generator.info
     synth = Synthesizer(
-        autoencoder, network, build_scheduler("ddim", info["scheduler"], 2), info["latent_shape"], attribute_ranges, 2.0
+        generator.autoencoder,
+        generator.network,
+        build_scheduler("ddim", info["scheduler"], 2),
+        info["latent_shape"],
+        attribute_ranges,
+        2.0,
     )
-    prov = make_provenance(
-        model_path, str(models / "autoencoder.pt"), str(models / "privacy_report.json"), None, "ema", synth
-    )
+    prov = make_provenance(generator.files, str(models / "privacy_report.json"), None, synth)
     req = tiny_root / "requests.csv"
     req.write_text(
         "LVEDV,LVESV,LVEF,ESED,count,seed\n120,50,58.3,1,1,5\n120,50,58.3,0,1,5\n200,120,40,1,1,6\n200,120,40,0,1,6\n160,70,56.2,1,1,7\n"
     )
     out = tiny_root / "synthetic"
-    run_inference(read_requests(str(req), attribute_ranges), synth, str(out), prov, (1.8, 1.8, 10.0), 4, 0, 0, False)
+    run_inference(read_requests(str(req), attribute_ranges), synth, str(out), prov, preview_count=0, progress=False)
     sweep = tiny_root / "sweep"
-    run_sweep(
+    settings = SweepSettings(
         "LVEDV",
-        synth,
         str(sweep),
-        prov,
         {"LVEDV": 150, "LVESV": 60, "ESED": 1},
         attribute_ranges,
         {"LVEDV": [80, 300]},
         values=[100, 160, 220],
         phases=[1, 0],
     )
+    Sweep(settings=settings, synthesizer=synth, provenance=prov).run()
     return out, sweep, model_path
 
 
@@ -329,18 +330,19 @@ def test_evaluation_stage_end_to_end(trained_segmenter, synthetic_runs, cohorts,
     assert runs and "headline.lv_found_rate" in runs[0].data.metrics
 
 
-def test_evaluate_from_python_on_a_real_cohort(trained_segmenter, cohorts):
+def test_evaluate_from_python_on_a_real_cohort(trained_segmenter, cohorts, attribute_ranges):
     """The Python API; a real cohort as the candidate set (pairs by subject) and no audit."""
-    from scripts.evaluation import evaluate
+    from scripts.evaluation import Evaluation, EvaluationInputs, FeatureSettings
 
-    report = evaluate(
+    inputs = EvaluationInputs(
         str(cohorts["private"]),
         str(cohorts["private"] / "datalist.json"),
         None,
         str(trained_segmenter),
+        attribute_ranges,
         spatial_size=TINY_SIZE,
-        ms_ssim_pairs=3,
     )
+    report = Evaluation(inputs=inputs, features=FeatureSettings(ms_ssim_pairs=3)).run()
     assert report["n_synthetic"] == 2 * 1 and report["privacy_audit"] is None
     assert report["fidelity"]["FD_seg3d"]["real_vs_synthetic"]["FD_seg3d"] == pytest.approx(0.0, abs=1e-6)
     assert report["controllability"]["phase"]["pairs"] == 1
@@ -484,25 +486,35 @@ def test_bundle_run_with_bad_input_exits_non_zero(tmp_path, bundle):
     assert "--synthetic_dir" in proc.stderr and "no manifest.csv" in proc.stderr
 
 
-def test_every_check_fails_on_a_broken_model(trained_segmenter, synthetic_runs, cohorts, tmp_path):
+def test_every_check_fails_on_a_broken_model(trained_segmenter, synthetic_runs, cohorts, tmp_path, attribute_ranges):
     """Reconstruction and ladders of a model with random weights: every demo check FAILS, while the
     instruments still see the LV in the originals (the failures are the model's, not a blind instrument's)."""
-    from scripts.evaluation import LadderSettings, ReconstructionSettings, evaluate
+    from scripts.evaluation import (
+        AuditSettings,
+        Evaluation,
+        EvaluationInputs,
+        FeatureSettings,
+        LadderSettings,
+        ReconstructionSettings,
+    )
     from tools.summary import DEMO_CHECKS, checks
 
     synthetic, _, model_path = synthetic_runs
-    report = evaluate(
+    inputs = EvaluationInputs(
         str(synthetic),
         str(cohorts["private"] / "datalist.json"),
         str(cohorts["public"] / "datalist.json"),
         str(trained_segmenter),
+        attribute_ranges,
         model_path=model_path,
-        audit_privacy=False,
-        ms_ssim_pairs=3,
-        plots_dir=None,
+    )
+    report = Evaluation(
+        inputs=inputs,
+        features=FeatureSettings(ms_ssim_pairs=3),
+        audit=AuditSettings(enabled=False),
         reconstruction=ReconstructionSettings(split="private", output_dir=str(tmp_path / "reconstructions")),
         ladders=LadderSettings(lvedv=(80, 180, 280), lvef=(30, 70), seeds=(0, 1), esed_seeds=(0, 1)),
-    )
+    ).run()
     rec = report["reconstruction"]
     assert rec["split"] == "private" and "not covered by epsilon" in rec["note"]
     # the files: one NIfTI per test record with its original's geometry, and the manifest

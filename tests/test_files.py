@@ -147,8 +147,8 @@ def test_one_nifti_writer_reproducible_with_header(tmp_path):
     np.testing.assert_allclose(image.affine, affine)
     assert image.header["qform_code"] == 1 and image.header["sform_code"] == 1
     assert image.header.get_xyzt_units()[0] == "mm" and image.header["descrip"].tobytes().startswith(b"synthetic")
-    import scripts.inference
     import scripts.phantom
+    import scripts.synthesis
 
     assert not hasattr(scripts.phantom, "_nifti_gz_bytes")  # phantom and synthesis share scripts.files' writer
-    assert "write_nifti" in scripts.inference.save_nifti.__code__.co_names
+    assert "write_nifti" in scripts.synthesis.save_nifti.__code__.co_names

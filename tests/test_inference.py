@@ -1,4 +1,4 @@
-"""Synthesis (configs/inference.yaml, scripts/inference.py): requests, determinism, outputs, errors, sweep.
+"""Synthesis (configs/inference.yaml, scripts/synthesis/): requests, determinism, outputs, errors, sweep.
 
 The model to sample from is built by the ``tiny_bundle`` fixture, not trained: a model.pt-shaped
 checkpoint (the keys the DP stage writes) of randomly initialised tiny networks at the sizes of
@@ -24,10 +24,13 @@ import torch
 from helpers import jittered, stage_checkpoint_info, tiny_stage_networks, write_privacy_report
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.data import DataError
-from scripts.inference import (
+from scripts.sampling import build_scheduler
+from scripts.synthesis import (
+    Sweep,
+    SweepSettings,
     Synthesizer,
     check_output_dir,
-    load_matching_autoencoder,
+    load_generator,
     load_model,
     make_provenance,
     plan_samples,
@@ -36,10 +39,8 @@ from scripts.inference import (
     read_requests,
     resolve_autoencoder_path,
     run_inference,
-    run_sweep,
     sweep_values,
 )
-from scripts.sampling import build_scheduler
 
 SCHEDULE = {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1.0e-4, "beta_end": 7.0e-2}
 STEPS = ["--num_inference_steps", "3"]
@@ -75,9 +76,8 @@ def tiny_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(tiny_bundle):
-    network, info = load_model(str(tiny_bundle / "models" / "model.pt"))
-    path = resolve_autoencoder_path(None, info, str(tiny_bundle / "models" / "model.pt"))
-    return network, load_matching_autoencoder(path, info), info
+    generator = load_generator(str(tiny_bundle / "models" / "model.pt"))
+    return generator.network, generator.autoencoder, generator.info
 
 
 def _synth(loaded, ranges, sampler="ddim", steps=3, guidance=2.0):
@@ -223,14 +223,8 @@ def test_guidance_changes_output_and_doubles_evaluations(loaded, attribute_range
 
 def _provenance(tiny_bundle, synth):
     models = tiny_bundle / "models"
-    return make_provenance(
-        str(models / "model.pt"),
-        str(models / "autoencoder.pt"),
-        str(models / "privacy_report.json"),
-        "0.1.0",
-        "ema",
-        synth,
-    )
+    files = load_generator(str(models / "model.pt")).files
+    return make_provenance(files, str(models / "privacy_report.json"), "0.1.0", synth)
 
 
 def test_run_writes_nifti_sidecars_manifest_preview(tiny_bundle, loaded, attribute_ranges, tmp_path):
@@ -381,17 +375,10 @@ def test_sweep_in_process_esed(tiny_bundle, loaded, attribute_ranges, tmp_path):
     synth = _synth(loaded, attribute_ranges, guidance=None)
     base = tmp_path / "base.csv"
     base.write_text("LVEDV,ESED,seed\n150,1,4\n")
-    png = run_sweep(
-        "ESED",
-        synth,
-        str(tmp_path / "sweep"),
-        _provenance(tiny_bundle, synth),
-        {},
-        attribute_ranges,
-        {},
-        base_csv=str(base),
-        batch_size=2,
+    settings = SweepSettings(
+        "ESED", str(tmp_path / "sweep"), {}, attribute_ranges, {}, base_csv=str(base), batch_size=2
     )
+    png = Sweep(settings=settings, synthesizer=synth, provenance=_provenance(tiny_bundle, synth)).run()
     meta = json.loads((tmp_path / "sweep" / "sweep_ESED.json").read_text())
     assert os.path.isfile(png) and meta["values"] == [0.0, 1.0] and meta["seed"] == 4 and meta["rows"] == ["ESED 1"]
     assert meta["base_attributes"]["LVEDV"] == 150.0 and meta["base_attributes"]["AGE"] is None

@@ -10,7 +10,8 @@ import pytest
 from helpers import rdp_epsilon
 from scripts.errors import ConfigError
 from scripts.privacy.accounting import compute_epsilon
-from scripts.privacy.ledger import PrivacyLedger, ancestors, read_report, report_summary
+from scripts.privacy.ledger import PrivacyLedger, ancestors
+from scripts.privacy.report import read_report, report_summary
 
 N = 50  # units
 

@@ -12,10 +12,10 @@ from monai.networks.schedulers import DDPMScheduler
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.engines import LatentDiffusionPrepareBatch, attribute_mask
 from scripts.errors import ConfigError
-from scripts.inference import Synthesizer, read_requests
 from scripts.privacy.unit_losses import LatentDiffusionUnitLoss
 from scripts.privacy.units import PrivacyUnits
 from scripts.sampling import build_scheduler
+from scripts.synthesis import Synthesizer, read_requests
 from torch.utils.data import default_collate
 
 A = len(ATTRIBUTE_NAMES)

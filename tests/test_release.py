@@ -24,7 +24,8 @@ import torch
 import yaml
 from conftest import ROOT
 from helpers import jittered, stage_checkpoint_info, tiny_stage_networks, write_privacy_report
-from scripts.release import ReleaseError, main, release, sha256
+from scripts.files import sha256
+from scripts.release import ReleaseError, main, release
 
 SCHEDULE = {"num_train_timesteps": 150, "schedule": "linear_beta", "beta_start": 1.0e-4, "beta_end": 7.0e-2}
 SCHEMA = ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
@@ -376,3 +377,11 @@ def test_download_round_trip_and_model_zoo_checks(weights, file_server, bundle, 
     with pytest.raises(HashCheckError, match=r"sha256 hash check of downloaded file failed: url='.*/model.pt'"):
         download_large_files(bundle_path=str(root))
     assert not (root / "models" / "model.pt").exists()
+
+
+def test_out_that_is_a_file_is_refused_before_anything_is_read(tmp_path):
+    out = tmp_path / "release.zip"
+    out.write_text("not a folder")
+    with pytest.raises(ReleaseError, match="exists and is not a folder"):
+        release(out, "https://example.org/weights", bundle_root=ROOT)
+    assert out.read_text() == "not a folder"

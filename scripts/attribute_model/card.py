@@ -116,7 +116,7 @@ def build_card(
         subjects: subjects drawn from the attribute model.
     """
     from scripts.attribute_model.model import read_model
-    from scripts.privacy.ledger import read_report
+    from scripts.privacy.report import read_report
 
     files = {
         "diffusion_model": _file(model_path),

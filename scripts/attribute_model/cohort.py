@@ -50,7 +50,7 @@ def cohort_requests(
     from scripts.attribute_model.model import read_model
     from scripts.attribute_model.sample import draw_subjects, subject_rows
     from scripts.attributes import ATTRIBUTE_NAMES
-    from scripts.inference import Request, read_requests
+    from scripts.synthesis import Request, read_requests
 
     if _given(attributes_csv) and _given(attributes_model):
         raise ConfigError("pass either --attributes_csv FILE or --attributes_model FILE --subjects N, not both")

@@ -43,7 +43,8 @@ def prior_from_report(path: str | None) -> tuple[list[dict[str, Any]], dict[str,
         (entries, {report, report_sha256, model_sha256, autoencoder_sha256, epsilon}) or ([], None)
         when ``path`` is null or absent.
     """
-    from scripts.privacy.ledger import ancestors, read_report
+    from scripts.privacy.ledger import ancestors
+    from scripts.privacy.report import read_report
 
     if not path or str(path) in ("None", "none", "null") or not os.path.isfile(path):
         return [], None

@@ -20,6 +20,9 @@ import numpy as np
 from scipy import stats
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.errors import DataError
+from scripts.files import sha256
+from scripts.sampling import build_scheduler
+from scripts.synthesis import Synthesizer, load_generator
 
 MIN_CORRELATION_SAMPLES = 3
 ESED = ATTRIBUTE_NAMES.index("ESED")
@@ -316,7 +319,7 @@ def synthesizer_for(
     device: str = "cpu",
     bundle_root: str = ".",
 ):
-    """The ``scripts.inference.Synthesizer`` a sidecar or sweep JSON records (model, sampler, steps, guidance, weights).
+    """The ``scripts.synthesis.Synthesizer`` a sidecar or sweep JSON records (model, sampler, steps, guidance, weights).
 
     Args:
         meta: the JSON (``model``, ``sampler``, ``steps``, optional ``model_sha256``, ``autoencoder``,
@@ -327,10 +330,6 @@ def synthesizer_for(
         device: device.
         bundle_root: bundle root for relative paths.
     """
-    from scripts.files import sha256
-    from scripts.inference import Synthesizer, load_matching_autoencoder, load_model, resolve_autoencoder_path
-    from scripts.sampling import build_scheduler
-
     model = model_path or meta["model"]
     if not os.path.isabs(model) and not os.path.isfile(model):
         model = os.path.join(bundle_root, model)
@@ -339,13 +338,21 @@ def synthesizer_for(
             f"{path}: it was made with model sha256 {meta['model_sha256'][:16]}..., but {model} differs; "
             "pass --model_path with the file it was made with"
         )
-    network, info = load_model(model, device, meta.get("weights", "ema"), bundle_root)
     stored = meta.get("autoencoder")
     if stored and not os.path.isabs(stored) and not os.path.isfile(stored):
         stored = os.path.join(bundle_root, stored)  # the sweep ran from the bundle root
-    autoencoder = load_matching_autoencoder(resolve_autoencoder_path(stored, info, model, bundle_root), info, device)
+    generator = load_generator(
+        model, autoencoder_path=stored, device=device, weights=meta.get("weights", "ema"), bundle_root=bundle_root
+    )
+    info = generator.info
     steps = None if meta["sampler"] == "ddpm" else int(meta["steps"])
     scheduler = build_scheduler(meta["sampler"], info["scheduler"], steps)
     return Synthesizer(
-        autoencoder, network, scheduler, info["latent_shape"], attribute_ranges, meta.get("guidance_scale"), device
+        generator.autoencoder,
+        generator.network,
+        scheduler,
+        info["latent_shape"],
+        attribute_ranges,
+        meta.get("guidance_scale"),
+        device,
     )

@@ -13,7 +13,7 @@ instruments (the segmenter and the classical detector):
 - ``ESED``: ED and ES of the same seed with nothing else cardiac; ED/ES accuracy = fraction of
   pairs whose ED member has the larger LV volume.
 
-Sampling is the bundle's own (``scripts.inference.Synthesizer``), with the sampler, steps,
+Sampling is the bundle's own (``scripts.synthesis.Synthesizer``), with the sampler, steps,
 guidance and weights of the synthetic set under evaluation (its sidecars), so the ladders
 measure the model as it was used.
 """

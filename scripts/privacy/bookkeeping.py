@@ -433,6 +433,7 @@ def bookkeeping_clipped_sum(
     unit_loss: UnitLoss,
     units: Sequence[Mapping[str, torch.Tensor]],
     max_grad_norm: float,
+    *,
     max_physical_batch_size: int,
     named: Sequence[tuple[str, nn.Parameter]],
     summed: list[torch.Tensor],

@@ -176,7 +176,16 @@ def clipped_grad_sum(
         elif mode == "vmap":
             _vmap(model, unit_loss, units, bound, max_physical_batch_size, named, summed, norms)
         else:
-            bookkeeping_clipped_sum(model, unit_loss, units, bound, max_physical_batch_size, named, summed, norms)
+            bookkeeping_clipped_sum(
+                model,
+                unit_loss,
+                units,
+                bound,
+                max_physical_batch_size=max_physical_batch_size,
+                named=named,
+                summed=summed,
+                norms=norms,
+            )
     return [s.to(p.dtype) for s, p in zip(summed, params)], norms
 
 

@@ -147,6 +147,7 @@ class UnitClipper:
         device: str | torch.device,
         max_grad_norm: float,
         max_physical_batch_size: int,
+        *,
         generator: torch.Generator,
     ) -> None:
         if mode != "auto" and mode not in MODES:

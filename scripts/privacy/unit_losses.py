@@ -56,6 +56,7 @@ class LatentDiffusionUnitLoss(LatentDiffusionPrepareBatch):
         self,
         autoencoder: nn.Module,
         scheduler: Any,
+        *,
         noise_multiplicity: int = 1,
         condition_dropout: float = 0.0,
         subset_conditioning: bool = False,
