@@ -98,8 +98,15 @@ def stage_sigma(
         return float(calibrate_noise_after(history, target, delta, q, planned_steps, accountant))
     except ConfigError as err:
         interrupted = [s for s in prior if INTERRUPTED in str(s.get("stage"))]
-        if not interrupted:
+        if not interrupted and not prior:
             raise
+        if not interrupted:
+            names = [str(s.get("stage")) for s in prior]
+            raise ConfigError(
+                f"{err}. The earlier DP stages on this data are {names}: their epsilon counts against this "
+                "target. Fine-tune from weights that did not see this private data (the public diffusion.pt, a public "
+                "autoencoder), or raise --target_epsilon knowingly (the report composes everything)"
+            ) from None
         raise ConfigError(
             f"{err} The write-ahead ledger holds {sum(int(s['steps']) for s in interrupted)} step(s) of an "
             "interrupted run of this stage, which count against the budget. If that run did its steps and its resume "
