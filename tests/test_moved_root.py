@@ -139,3 +139,14 @@ def test_messages_name_the_way_out():
     interrupted = [{**spent[0], "stage": "diffusion_dp_finetune (interrupted run started 2026-12-01T00:00:00)"}]
     with pytest.raises(ConfigError, match="rerun the same command with --resume True"):
         stage_sigma(None, entry, interrupted, 2)
+
+
+def test_a_cuda_device_without_a_gpu_is_named_as_such(tmp_path, monkeypatch):
+    from scripts.networks import load_checkpoint
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = tmp_path / "model.pt"
+    torch.save({"network": {}}, path)
+    with pytest.raises(ConfigError, match="no CUDA device; pass --device cpu"):
+        load_checkpoint(str(path), "the stage", "cuda")
+    assert load_checkpoint(str(path), "the stage", "cpu") == {"network": {}}
