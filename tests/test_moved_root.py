@@ -120,7 +120,12 @@ def test_choice_options_are_checked_before_a_stage_runs():
     # the forms name the same choices the DP handler accepts
     assert _FORMS["grad_sample_mode"][0] == "one of " + ", ".join(("auto", *MODES))
     assert _FORMS["finetune_scope"][0] == "one of " + ", ".join(SCOPES)
-    for name, bad in (("grad_sample_mode", "foo"), ("condition_dropout", 2), ("finetune_scope", "al")):
+    for name, bad in (
+        ("grad_sample_mode", "foo"),
+        ("condition_dropout", 2),
+        ("finetune_scope", "al"),
+        ("spacing_tolerance", -1),
+    ):
         with pytest.raises(ConfigError, match=f"option --{name}: expected"):
             check_options(**{name: bad})
     check_options(grad_sample_mode="auto", condition_dropout=0.1, finetune_scope="all", privacy_unit="record")
