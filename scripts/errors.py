@@ -155,6 +155,7 @@ OPTION_FORMS: dict[str, str] = {
     "secure_mode": "boolean",
     "clip_out_of_range": "boolean",
     "condition_dropout": "probability",
+    "spacing_tolerance": "number >= 0",
     "grad_sample_mode": "grad_sample_mode",
     "finetune_scope": "finetune_scope",
     "privacy_unit": "privacy_unit",

@@ -27,12 +27,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from scripts.engines import LatentDiffusionPrepareBatch
-from scripts.errors import ConfigError
+from scripts.errors import ConfigError, DataError
 from scripts.privacy.unit_losses import LatentDiffusionUnitLoss
 from torch import nn
 
@@ -85,6 +86,13 @@ class LatentCache:
         self.digest = autoencoder_digest(autoencoder)
         self.index: dict[str, int] = {}
         self.mean = self.std = torch.empty(0)
+        counts = Counter(rid for rid, _ in self._record_keys(datasets))
+        twice = sorted(rid for rid, n in counts.items() if n > 1)
+        if twice:  # checked before anything is encoded: the cache maps each id to one latent
+            raise DataError(
+                f"latent cache: record id(s) {twice[:5]} appear more than once in the datasets; every record of the "
+                "datalist needs its own 'id'"
+            )
         if not (store and self._load(store, datasets)):
             self._encode(datasets, batch_size)
             if store:
@@ -112,12 +120,12 @@ class LatentCache:
                 mean, std = self.autoencoder.encode(batch["image"].to(self.device))
                 for rid in _ids(batch["id"]):
                     if rid in self.index:
-                        raise ValueError(f"latent cache: record id '{rid}' appears twice; record ids must be unique")
+                        raise DataError(f"latent cache: record id '{rid}' appears twice; record ids must be unique")
                     self.index[rid] = len(self.index)
                 means.append(mean)
                 stds.append(std)
         if not means:
-            raise ValueError("latent cache: the datasets hold no records")
+            raise DataError("latent cache: the datasets hold no records (check the datalist's training split)")
         self.mean, self.std = torch.cat(means), torch.cat(stds)
         self.keys = self._record_keys(datasets)
         logger.info(f"latent cache: encoded {len(self.index)} records once, latent {tuple(self.mean.shape[1:])}")

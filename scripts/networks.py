@@ -260,6 +260,13 @@ def _num_downsamples(autoencoder: SliceAutoencoder) -> int:
     return sum(isinstance(m, AEKLDownsample) for m in autoencoder.autoencoder.encoder.modules())
 
 
+def check_device(device: object) -> None:
+    """Refuse a CUDA device on a machine without one (torch.load's error reads like a corrupt file)."""
+    cuda = isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this machine has no CUDA device; pass --device cpu")
+
+
 def load_checkpoint(
     path: str, produced_by: str, device: str | torch.device = "cpu", required: Sequence[str] = ()
 ) -> dict:
@@ -281,6 +288,7 @@ def load_checkpoint(
     """
     if not os.path.isfile(path):
         raise MissingInputError(f"checkpoint {path} not found; it is produced by: {produced_by}")
+    check_device(device)
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:

@@ -149,3 +149,12 @@ def test_global_conditioning_reaches_the_output_and_treats_cfg_condition_as_miss
     assert float((net(x, t, cond) - net(x, t, other)).abs().max()) > 1e-4
     cfg_uncond = -torch.ones_like(cond)  # what MONAI's classifier-free guidance passes
     torch.testing.assert_close(net(x, t, cfg_uncond), net(x, t, None))
+
+
+def test_duplicate_record_ids_are_refused_before_encoding():
+    from scripts.errors import DataError
+
+    records = Records(2)
+    records.items[2]["id"] = records.data[2]["id"] = "s0_ED"  # a datalist with one id twice
+    with pytest.raises(DataError, match=r"record id\(s\) \['s0_ED'\] appear more than once"):
+        LatentCache(tiny_autoencoder(), records)

@@ -120,7 +120,38 @@ def test_choice_options_are_checked_before_a_stage_runs():
     # the forms name the same choices the DP handler accepts
     assert _FORMS["grad_sample_mode"][0] == "one of " + ", ".join(("auto", *MODES))
     assert _FORMS["finetune_scope"][0] == "one of " + ", ".join(SCOPES)
-    for name, bad in (("grad_sample_mode", "foo"), ("condition_dropout", 2), ("finetune_scope", "al")):
+    for name, bad in (
+        ("grad_sample_mode", "foo"),
+        ("condition_dropout", 2),
+        ("finetune_scope", "al"),
+        ("spacing_tolerance", -1),
+    ):
         with pytest.raises(ConfigError, match=f"option --{name}: expected"):
             check_options(**{name: bad})
     check_options(grad_sample_mode="auto", condition_dropout=0.1, finetune_scope="all", privacy_unit="record")
+
+
+def test_messages_name_the_way_out():
+    from scripts.privacy.accounting import calibrate_noise
+    from scripts.privacy.ledger_checks import stage_sigma
+
+    with pytest.raises(ConfigError, match="infinite target is no privacy"):
+        calibrate_noise(float("inf"), 1e-5, 0.5, 2)
+    spent = [{"stage": "diffusion_dp_finetune", "noise_multiplier": 0.5, "sample_rate": 0.5, "steps": 20}]
+    entry = {"target_epsilon": 1.0, "delta": 1e-5, "sample_rate": 0.5, "accountant": "rdp"}
+    with pytest.raises(ConfigError, match=r"earlier DP stages on this data are \['diffusion_dp_finetune'\]"):
+        stage_sigma(None, entry, spent, 2)
+    interrupted = [{**spent[0], "stage": "diffusion_dp_finetune (interrupted run started 2026-12-01T00:00:00)"}]
+    with pytest.raises(ConfigError, match="rerun the same command with --resume True"):
+        stage_sigma(None, entry, interrupted, 2)
+
+
+def test_a_cuda_device_without_a_gpu_is_named_as_such(tmp_path, monkeypatch):
+    from scripts.networks import load_checkpoint
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = tmp_path / "model.pt"
+    torch.save({"network": {}}, path)
+    with pytest.raises(ConfigError, match="no CUDA device; pass --device cpu"):
+        load_checkpoint(str(path), "the stage", "cuda")
+    assert load_checkpoint(str(path), "the stage", "cpu") == {"network": {}}

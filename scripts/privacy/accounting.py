@@ -96,11 +96,18 @@ PRV_MAX_DOMAIN_SIZE: int = 4_000_000
 # Opacus does not validate its inputs (q = 0, delta = 2 or sigma < 0 give silent garbage).
 
 
+# an infinite epsilon is no privacy at all: the only run it fits is one without noise
+INFINITE_HINT = {
+    "target_epsilon": " (an infinite target is no privacy: it is accepted only with --noise_multiplier 0, a "
+    "non-private baseline whose report covers nothing)"
+}
+
+
 def _as_real(name: str, value: object, expected: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{name} must be {expected}, got {value!r}")
     if not math.isfinite(float(value)):
-        raise ConfigError(f"{name} must be {expected}, got {value!r}")
+        raise ConfigError(f"{name} must be {expected} and finite, got {value!r}{INFINITE_HINT.get(name, '')}")
     return float(value)
 
 

@@ -75,8 +75,8 @@ def drop_log_times() -> None:
     """Remove the wall-clock field from the format of every handler of the root logger.
 
     configs/logging.conf stamps each line with ``asctime``; in a DP stage the gaps between the
-    epoch lines are epoch durations, which grow with the number of units sampled (15 ms for
-    an epoch of 0 units against 1.5 s for 5, measured). Applied when a DP handler is built,
+    epoch lines are epoch durations, which grow with the number of units sampled
+    (docs/privacy.md, "The privacy ledger and what the reported epsilon covers"). Applied when a DP handler is built,
     before the first step; the lines keep logger name, level and message.
     """
     for handler in logging.getLogger().handlers:

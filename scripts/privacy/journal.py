@@ -37,7 +37,10 @@ def _read_json(path: str, what: str) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(
             f"{path}: cannot read the {what} ({type(err).__name__}: {err}); expected the JSON file a DP stage writes. "
-            "Restore it from a backup: privacy spent on the data must not be forgotten"
+            "The privacy it records as spent must not be forgotten, so no DP run starts here (not even with --resume "
+            "False). The bundle keeps no copy: restore the file if you have one (the report beside it, "
+            "privacy_report.json, and the weights' privacy_ledger list the stages of a completed run); otherwise "
+            "start in a new bundle root and count this data's earlier spending yourself"
         ) from None
     if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
         raise DataError(f"{path}: not a {what} (expected a JSON object with a 'stages' list)")

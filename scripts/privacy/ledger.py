@@ -33,6 +33,7 @@ from scripts.privacy.ledger_checks import (
     check_delta,
     check_prior,
     check_resume,
+    check_resume_settings,
     check_settings,
     check_step_arguments,
     refuse_no_step,
@@ -87,8 +88,7 @@ class PrivacyLedger(IAccountant):
         # random, not the start time: two runs started in the same second were taken for one
         self.run_id = secrets.token_hex(8)
         self.prior = [dict(s) for s in prior_stages]
-        # a run of this stage killed before its first checkpoint: its steps were taken on the
-        # private data, so they are composed (a resume of that same run replaces this entry)
+        # a run of this stage killed before its first checkpoint: its steps are composed (unless it is the run resumed)
         own = resume_run_id is not None and run_id(self.journal.previous) == resume_run_id
         self.interrupted = [] if own else self.journal.interrupted_entries(self.settings["stage"])
         self.release_pending = False  # set on resume: the run did its steps but not its final files
@@ -98,7 +98,8 @@ class PrivacyLedger(IAccountant):
                 f"{path}: a run started {self.journal.previous.get('started')} took {self.interrupted[-1]['steps']} DP "
                 "step(s) and left no checkpoint; its privacy cost is composed into this run's epsilon"
             )
-        if noise_multiplier is None and own:  # the resumed run's sigma (the checkpoint restores it)
+        if own:  # the resumed run's sigma (the checkpoint restores it); a changed setting is refused first
+            check_resume_settings(self.journal.previous["stages"][-1], self.settings)
             noise_multiplier = self.journal.previous["stages"][-1]["noise_multiplier"]
         stage = {**self.settings, "sample_rate": self.sample_rate}
         self.noise_multiplier = stage_sigma(noise_multiplier, stage, self.all_prior, self.planned_steps)

@@ -98,8 +98,15 @@ def stage_sigma(
         return float(calibrate_noise_after(history, target, delta, q, planned_steps, accountant))
     except ConfigError as err:
         interrupted = [s for s in prior if INTERRUPTED in str(s.get("stage"))]
-        if not interrupted:
+        if not interrupted and not prior:
             raise
+        if not interrupted:
+            names = [str(s.get("stage")) for s in prior]
+            raise ConfigError(
+                f"{err}. The earlier DP stages on this data are {names}: their epsilon counts against this "
+                "target. Fine-tune from weights that did not see this private data (the public diffusion.pt, a public "
+                "autoencoder), or raise --target_epsilon knowingly (the report composes everything)"
+            ) from None
         raise ConfigError(
             f"{err} The write-ahead ledger holds {sum(int(s['steps']) for s in interrupted)} step(s) of an "
             "interrupted run of this stage, which count against the budget. If that run did its steps and its resume "
@@ -151,15 +158,9 @@ def same_path(a: str, b: str) -> bool:
     return os.path.normpath(a) == os.path.normpath(b)
 
 
-def check_resume(state: Mapping[str, Any], settings: dict[str, Any], prior: Sequence[Mapping[str, Any]]) -> None:
-    """Refuse a resume that changes a privacy setting or the earlier stages; record a changed clipping mode.
-
-    Any change of :data:`RESUME_KEYS` (the target and the fine-tuned scope included) is refused,
-    and so are earlier stages that differ from the checkpoint's (another autoencoder). A key recorded
-    only since v0.5 (:data:`LATER_KEYS`) is not compared when an older checkpoint lacks it. The per-unit gradient mode
-    may change (every mode clips the same per-unit gradients): the entry then names both.
-    """
-    saved = dict(state.get("settings", {}))
+def check_resume_settings(saved: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+    """Refuse a resume that changes a privacy setting (:data:`RESUME_KEYS`), naming the flags that resume."""
+    saved = dict(saved)
     if isinstance(saved.get("dataset"), str) and isinstance(settings.get("dataset"), str):  # "./data/x" is "data/x"
         saved["dataset"] = settings["dataset"] if same_path(saved["dataset"], settings["dataset"]) else saved["dataset"]
     changed = [k for k in RESUME_KEYS if (k in saved or k not in LATER_KEYS) and saved.get(k) != settings.get(k)]
@@ -171,6 +172,18 @@ def check_resume(state: Mapping[str, Any], settings: dict[str, Any], prior: Sequ
             f"resume with the checkpoint's settings ({flags}), or start a new run with --resume False (a new run "
             "spends its own budget)"
         )
+
+
+def check_resume(state: Mapping[str, Any], settings: dict[str, Any], prior: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse a resume that changes a privacy setting or the earlier stages; record a changed clipping mode.
+
+    Any change of :data:`RESUME_KEYS` (the target and the fine-tuned scope included) is refused,
+    and so are earlier stages that differ from the checkpoint's (another autoencoder). A key
+    recorded only since v0.5 (:data:`LATER_KEYS`) is not compared when an older checkpoint lacks
+    it. The per-unit gradient mode may change (every mode clips the same per-unit gradients):
+    the entry then names both.
+    """
+    check_resume_settings(state.get("settings", {}), settings)
     saved_prior = [{k: v for k, v in s.items() if k != "epsilon_alone"} for s in state["prior"]]
     now_prior = [{k: v for k, v in s.items() if k != "epsilon_alone"} for s in prior]
     if entry_history(saved_prior) != entry_history(now_prior):
@@ -179,7 +192,7 @@ def check_resume(state: Mapping[str, Any], settings: dict[str, Any], prior: Sequ
             f"the checkpoint was trained on ({[s['stage'] for s in saved_prior]} there, "
             f"{[s['stage'] for s in now_prior]} now); load the same files or start a new run with --resume False"
         )
-    before, now = saved.get("grad_sample_mode"), settings.get("grad_sample_mode")
+    before, now = state.get("settings", {}).get("grad_sample_mode"), settings.get("grad_sample_mode")
     if before is not None and now is not None and str(now).split(" ")[0] != str(before).split(" ")[0]:
         steps = sum(int(h[2]) for h in state.get("history", []))
         settings["grad_sample_mode"] = f"{before} for the first {steps} step(s), then {now}"

@@ -96,6 +96,7 @@ def resolve_autoencoder_path(
         origin = f"the autoencoder path stored in {model_path}"
         candidates = [] if os.path.isabs(stored) else [os.path.join(bundle_root, stored)]
         candidates += [os.path.join(bundle_root, "models", os.path.basename(stored)), stored]
+        candidates = [os.path.normpath(c) for c in candidates]  # "./models/x.pt" under "." is "models/x.pt"
         path = next((c for c in candidates if stored and os.path.isfile(c)), stored)
     if not path or not os.path.isfile(path):
         raise MissingInputError(
