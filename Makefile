@@ -5,8 +5,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS := --quiet --disable-pip-version-check --no-input
-# demo recipe (docs/demo_recipe.md): 16 x 64 x 64 volumes, an 8x slice autoencoder
-# (latent 8 x 16 x 8 x 8), a small v-prediction LDM on latents encoded once, a few DP steps;
+# demo recipe (docs/demo_recipe.md): 16 x 64 x 64 volumes, a 4x slice autoencoder
+# (latent 2 x 16 x 16 x 16), a small v-prediction LDM on latents encoded once, a few DP steps;
 # the stage settings are in configs/demo_*.yaml (benchmarks/privacy_utility.py uses the same),
 # the steps in tools/demo.py (each a bundle command, printed when it starts, two at a time).
 # CPU, 2 cores: benchmarks/README.md lists each stage's time; `make demo` prints them at the end.
