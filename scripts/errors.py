@@ -122,6 +122,33 @@ _FORMS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 }
 
 
+def _in_open_interval(low: float, high: float, closed_high: bool = False) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        v = _number(value)
+        return v if v is not None and low < v and (v <= high if closed_high else v < high) else None
+
+    return check
+
+
+def _epsilon(value: Any) -> Any:
+    """A privacy target: a number > 0; ``inf`` passes here so that the ledger can say when it is allowed."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+        return None
+    return float(value)
+
+
+def _or_none(form: str) -> tuple[str, Callable[[Any], Any]]:
+    expected, parse = _FORMS[form]
+    return f"{expected}, or None", lambda value: True if value is None else parse(value)
+
+
+_FORMS["number in (0, 1)"] = ("a number in (0, 1)", _in_open_interval(0.0, 1.0))
+_FORMS["number in (0, 1]"] = ("a number in (0, 1]", _in_open_interval(0.0, 1.0, closed_high=True))
+_FORMS["epsilon"] = ("a number > 0", _epsilon)
+_FORMS["number >= 0 or None"] = _or_none("number >= 0")
+_FORMS["integer >= 1 or None"] = _or_none("integer >= 1")
+
+
 def _one_of(*choices: str) -> tuple[str, Callable[[Any], Any]]:
     return f"one of {', '.join(choices)}", lambda value: value if value in choices else None
 
@@ -143,7 +170,16 @@ OPTION_FORMS: dict[str, str] = {
     "kl_weight": "number >= 0",
     "perceptual_weight": "number >= 0",
     "adversarial_weight": "number >= 0",
-    "ema_momentum": "number > 0",
+    "ema_momentum": "number in (0, 1]",
+    "target_epsilon": "epsilon",
+    "target_delta": "number in (0, 1)",
+    "max_grad_norm": "number > 0",
+    "noise_multiplier": "number >= 0 or None",
+    "max_noise_ratio": "number > 0",
+    "beta_start": "number in (0, 1)",
+    "beta_end": "number in (0, 1)",
+    "guidance_scale": "number >= 0 or None",
+    "num_inference_steps": "integer >= 1 or None",
     "preview_count": "integer >= 0",
     "sweep_count": "integer >= 1",
     "passes_per_epoch": "integer >= 1",

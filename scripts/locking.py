@@ -17,7 +17,7 @@ import socket
 import time
 
 from ignite import distributed as idist
-from scripts.errors import BundleError
+from scripts.errors import BundleError, OutputWriteError
 
 __all__ = ["lock_folder", "release_folder", "FolderLockedError"]
 
@@ -44,13 +44,20 @@ def lock_folder(folder: str, run_name: str = "", name: str = LOCK_NAME) -> str:
 
     Raises:
         FolderLockedError: another process holds the lock; the message names it.
+        OutputWriteError: the folder or its lock file cannot be created.
     """
     path = os.path.join(folder, name)
     key = os.path.realpath(path)
     if idist.get_rank() > 0 or key in _held:
         return path
-    os.makedirs(folder, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:  # a path under a file, a read-only or full disk: name the folder, not errno
+        raise OutputWriteError(
+            f"{folder}: cannot create the output folder or its lock file ({err.strerror or err}); choose a "
+            "writable folder (--bundle_root, --ckpt_dir, --output_dir) or fix its permissions"
+        ) from err
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

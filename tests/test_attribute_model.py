@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -467,3 +468,23 @@ def test_bundle_config_runs_the_stage(cohorts, tmp_path, monkeypatch):
     assert report["stages"][-1]["stage"] == "attributes_dp" and report["epsilon"] <= 40.0
     assert read_model(str(tmp_path / "models" / "attributes_dp.json")).privacy["composed_with"] is None
     assert (tmp_path / "models" / "attributes_privacy_report.json").is_file()
+
+
+def test_stage_refuses_an_impossible_value(cohorts, tmp_path, attribute_ranges):
+    """LVEDV = 1e6 ml in the private table: refused naming file, line and column (it was fitted, exit 0)."""
+    cohort = tmp_path / "cohort"
+    shutil.copytree(cohorts["private"], cohort)
+    table = (cohort / "attributes.csv").read_text().splitlines()
+    header = table[0].split(",")
+    row = table[1].split(",")
+    row[header.index("LVEDV")] = "1e6"
+    (cohort / "attributes.csv").write_text("\n".join([table[0], ",".join(row), *table[2:]]) + "\n")
+    stage = AttributeStage(
+        AttributeStageSettings(
+            datalist=str(cohort / "datalist.json"),
+            attribute_ranges=attribute_ranges,
+            model_path=str(tmp_path / "m.json"),
+        )
+    )
+    with pytest.raises(DataError, match=r"attributes.csv, line 2, column 'LVEDV': 1e\+06 is not a possible value"):
+        stage.load_table()

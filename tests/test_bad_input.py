@@ -17,7 +17,7 @@ import torch
 from helpers import jittered, stage_checkpoint_info, tiny_stage_networks, write_privacy_report
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.data import read_attributes_csv
-from scripts.errors import CheckpointError, DataError
+from scripts.errors import CheckpointError, ConfigError, DataError
 from scripts.handlers import AtomicCheckpoint
 from scripts.privacy.accounting import MIN_NOISE_MULTIPLIER, calibrate_noise, compute_epsilon
 from scripts.release import ReleaseError, release
@@ -221,3 +221,11 @@ def test_explicit_sigma_that_affords_no_step_is_refused_before_anything_runs():
     with pytest.raises(ConfigError, match=r"noise_multiplier=0.01 affords no DP step .* epsilon"):
         PrivacyLedger(settings, sample_rate=0.5, epochs=2, noise_multiplier=0.01)
     assert PrivacyLedger(settings, sample_rate=0.5, epochs=2, noise_multiplier=1.0).safe_steps == 4
+
+
+def test_prepare_spacing_message_quotes_what_was_typed():
+    """``--spacing abc`` said "got nan"."""
+    from scripts.prepare import _spacing
+
+    with pytest.raises(ConfigError, match=r"--spacing must be a number of mm > 0 or 'source'; got 'abc'"):
+        _spacing("abc")

@@ -88,3 +88,46 @@ def test_bundle_run_with_wrong_type_override_ends_with_the_problem(bundle, tmp_p
     lines = proc.stderr.strip().splitlines()
     assert lines[-1] == "error: option --epochs: expected an integer >= 1, got 'abc'"
     assert "Traceback" not in proc.stderr and len(lines) < 20
+
+
+def _bundle_error_classes() -> set[type]:
+    """Every subclass of BundleError the package defines (all its modules imported)."""
+    import importlib
+    import pkgutil
+
+    import scripts
+
+    for module in pkgutil.walk_packages(scripts.__path__, "scripts."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
+    found, todo = set(), [BundleError]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            found.add(sub)
+            todo.append(sub)
+    return found
+
+
+def test_no_bundle_checked_error_prints_a_traceback(capsys):
+    """Each kind of bundle error, raised inside the wrappers MONAI's config runner and Ignite put around it,
+    reaches the user as a few lines ending in ``error: <message>``, without a traceback."""
+    from scripts.errors import excepthook
+
+    classes = _bundle_error_classes()
+    assert {"ConfigError", "DataError", "ReleaseError", "TrackingServerError", "OutputWriteError"} <= {
+        c.__name__ for c in classes
+    }
+    for cls in sorted(classes, key=lambda c: c.__name__):
+        try:
+            try:
+                try:
+                    raise cls("x.csv, line 2: bad")
+                except BundleError as inner:  # what ConfigExpression.evaluate does
+                    raise RuntimeError("Failed to evaluate ConfigExpression: $scripts.stage()") from inner
+            except RuntimeError as middle:  # what the bundle's run() does with an instantiation error
+                raise RuntimeError("Failed to instantiate component 'scripts.Stage'") from middle
+        except RuntimeError as outer:
+            excepthook(type(outer), outer, outer.__traceback__)
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1] == "error: x.csv, line 2: bad", (cls, err)
+        assert "Traceback" not in err and len(err.splitlines()) < 10, (cls, err)

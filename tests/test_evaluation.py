@@ -543,3 +543,12 @@ def test_every_check_fails_on_a_broken_model(trained_segmenter, synthetic_runs, 
     assert len(lines) == len(DEMO_CHECKS)
     passed = [line for line in lines if not line.endswith("FAIL")]
     assert not passed, passed
+
+
+def test_report_of_public_weights_gives_their_note_not_unknown():
+    """Samples of the public diffusion.pt: the Markdown report said "Model privacy: unknown"."""
+    from scripts.evaluation.report import privacy_line
+    from scripts.synthesis.provenance import PUBLIC_NOTE
+
+    assert privacy_line({"privacy": None, "privacy_note": PUBLIC_NOTE}) == f"Model privacy: {PUBLIC_NOTE}"
+    assert privacy_line({"privacy": None, "privacy_warning": "no model given"}) == "Model privacy: no model given"

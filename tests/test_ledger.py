@@ -127,7 +127,7 @@ def test_calibration_includes_an_interrupted_run(tmp_path):
     assert rerun.get_epsilon() <= 10.0
 
 
-def test_a_complete_runs_ledger_is_kept_not_overwritten(tmp_path):
+def test_a_complete_runs_ledger_is_kept_not_overwritten(tmp_path, caplog):
     first = ledger(tmp_path)
     first.step()
     first.complete()
@@ -135,9 +135,14 @@ def test_a_complete_runs_ledger_is_kept_not_overwritten(tmp_path):
     second = ledger(tmp_path)
     assert second.interrupted == []  # a complete run is not this run's ancestor
     second.started = "2099-01-01T00:00:00"
-    second.step()
+    with caplog.at_level("WARNING", logger="scripts.privacy.journal"):
+        second.step()
     archived = [p for p in tmp_path.iterdir() if p.name.startswith("ledger.") and p.name != "ledger.json"]
     assert len(archived) == 1 and archived[0].read_text() == before
+    # the user is told the earlier run's epsilon is not in the new report, and when it still counts
+    last = json.loads(before)["stages"][-1]
+    assert f"earlier complete run ({last['steps']} steps at sigma {last['noise_multiplier']}" in caplog.text
+    assert "total privacy loss is the sum" in caplog.text
 
 
 def test_resume_refuses_a_changed_target(tmp_path):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from scripts.errors import OutputWriteError
 from scripts.locking import FolderLockedError, lock_folder, release_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,3 +37,11 @@ def test_a_named_lock_runs_beside_the_stage_lock_but_not_beside_itself(tmp_path)
         holder.wait()
     lock_folder(str(tmp_path), "after the holder ended")  # the kernel released the dead process's lock
     release_folder(str(tmp_path))
+
+
+def test_a_folder_that_cannot_be_created_is_a_short_output_error(tmp_path):
+    """``--ckpt_dir`` under a file (or on a read-only disk) was a NotADirectoryError traceback."""
+    afile = tmp_path / "requests.csv"
+    afile.write_text("x\n")
+    with pytest.raises(OutputWriteError, match="requests.csv/models: cannot create the output folder"):
+        lock_folder(str(afile / "models"))

@@ -12,6 +12,7 @@ from scripts.overrides import check_command_line, command_line
 BUNDLE_MAIN = os.path.join("site-packages", "monai", "bundle", "__main__.py")
 DP = "['configs/common.yaml','configs/dp_finetune.yaml','configs/small_dp_finetune.yaml']"
 AE = "['configs/common.yaml','configs/train_autoencoder.yaml','configs/small_autoencoder.yaml']"
+INF = "['configs/common.yaml','configs/inference.yaml']"
 # every stage config a user runs with `python -m monai.bundle run`, with its entry points
 STAGES = {
     "configs/train_autoencoder.yaml": "initialize",
@@ -87,6 +88,12 @@ def test_tracking_adds_monai_mlflow_settings():
         (DP, "--noise_multiplicity", "2.5", "integer >= 1"),
         (AE, "--batch_size", "0", "integer >= 1"),
         (AE, "--kl_weight", "-1", "number >= 0"),
+        (AE, "--ema_momentum", "2", r"number in \(0, 1\]"),  # was a 60-line traceback from Ignite's EMAHandler
+        (DP, "--target_epsilon", "abc", "number > 0"),  # was a traceback from the ledger
+        (DP, "--target_delta", "0", r"number in \(0, 1\)"),
+        (DP, "--noise_multiplier", "-1", "number >= 0, or None"),
+        (INF, "--guidance_scale", "abc", "number >= 0, or None"),
+        (INF, "--num_inference_steps", "0", "integer >= 1, or None"),
     ],
 )
 def test_badly_formed_values_are_refused(config_file, option, value, expected):

@@ -25,7 +25,13 @@ def _stage_checkpoints(models):
     torch.save({**ckpt, "optimizer": {"state": {}}, "rng": {"torch": 1}}, models / "autoencoder.pt")
     net = tiny_unet()
     torch.save(
-        {"network": net.state_dict(), "ema": net.state_dict(), "optimizer": {"big": torch.zeros(1000)}},
+        {
+            "network": net.state_dict(),
+            "ema": net.state_dict(),
+            "optimizer": {"big": torch.zeros(1000)},
+            "autoencoder": "models/autoencoder.pt",
+            "autoencoder_sha256": sha256(models / "autoencoder.pt"),  # the stage-written file, with its state
+        },
         models / "diffusion.pt",
     )
 
@@ -43,6 +49,10 @@ def test_ship_strips_training_state_records_hashes_and_install_checks_them(tmp_p
         assert record["files"][name]["sha256"] == sha256(out / name)
         assert not {"optimizer", "rng"} & set(torch.load(out / name, weights_only=False))
     assert {"network", "architecture"} <= set(torch.load(out / "autoencoder.pt", weights_only=False))
+    # stripping changed the autoencoder file's hash: the shipped diffusion names the shipped autoencoder
+    # (it named the stage-written one, so synthesis refused the installed pair)
+    shipped_ae = torch.load(out / "diffusion.pt", weights_only=False)["autoencoder_sha256"]
+    assert shipped_ae == sha256(out / "autoencoder.pt") != sha256(tmp_path / "models" / "autoencoder.pt")
     pretrained.install(str(out), str(tmp_path / "installed"))
     assert sha256(tmp_path / "installed" / "diffusion.pt") == record["files"]["diffusion.pt"]["sha256"]
     # a changed file is refused and nothing is copied
@@ -52,6 +62,15 @@ def test_ship_strips_training_state_records_hashes_and_install_checks_them(tmp_p
     assert not (tmp_path / "other").exists()
     with pytest.raises(MissingInputError, match="make pretrain"):
         pretrained.install(str(tmp_path / "nothing"), str(tmp_path / "other"))
+
+
+def test_ship_refuses_a_diffusion_trained_with_another_autoencoder(tmp_path):
+    _stage_checkpoints(tmp_path / "models")
+    ckpt = torch.load(tmp_path / "models" / "diffusion.pt", weights_only=False)
+    torch.save({**ckpt, "autoencoder_sha256": "0" * 64}, tmp_path / "models" / "diffusion.pt")
+    with pytest.raises(CheckpointError, match="trained with the autoencoder of SHA-256 0000"):
+        pretrained.ship(str(tmp_path / "models"), str(tmp_path / "out"), settings={})
+    assert not (tmp_path / "out").exists()
 
 
 def test_demo_installs_the_shipped_weights_unless_asked_to_train_them():
@@ -95,3 +114,5 @@ def test_committed_demo_weights_match_their_record_and_the_current_configs():
     assert list(info["latent_shape"]) == list(config["latent_shape"])
     assert list(info["spatial_size"]) == list(config["spatial_size"])
     assert info["scale_factor"] == pytest.approx(float(autoencoder.scale_factor))
+    # the installed pair decodes: the diffusion names the shipped autoencoder (None: weights from before hashes)
+    assert info.get("autoencoder_sha256") in (None, record["files"]["autoencoder.pt"]["sha256"])

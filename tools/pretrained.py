@@ -89,6 +89,22 @@ def provenance(
     }
 
 
+def _check_pair(diffusion: Mapping, sources: Mapping[str, str]) -> None:
+    """Refuse to ship a diffusion checkpoint that was trained with another autoencoder than the one beside it.
+
+    The diffusion checkpoint names its autoencoder by SHA-256, so that a root decodes with the file it
+    was trained with. Stripping the autoencoder's training state changes that file's hash, so the
+    shipped diffusion checkpoint names the shipped autoencoder, which holds the same weights; this
+    check first makes sure that the stage-written pair belongs together.
+    """
+    recorded = diffusion.get("autoencoder_sha256")
+    if recorded is not None and recorded != sha256(sources["autoencoder.pt"]):
+        raise CheckpointError(
+            f"{sources['diffusion.pt']} was trained with the autoencoder of SHA-256 {recorded[:16]}..., not with "
+            f"{sources['autoencoder.pt']}; rerun both pre-training stages ({PRETRAIN_COMMAND})"
+        )
+
+
 def ship(models: str, out: str, *, settings: Mapping, times: str | None = None) -> dict:
     """Copy the pre-trained checkpoints from ``models`` into ``out`` with their provenance record.
 
@@ -108,10 +124,13 @@ def ship(models: str, out: str, *, settings: Mapping, times: str | None = None) 
     for name, path in sources.items():
         ckpt = load_checkpoint(path, PRETRAIN_COMMAND)
         contents[name] = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
+    _check_pair(contents["diffusion.pt"], sources)
     os.makedirs(out, exist_ok=True)
     staged = {name: os.path.join(out, name + ".staged") for name in SHIPPED}
     try:
-        for name, content in contents.items():
+        for name, content in contents.items():  # the autoencoder first: the diffusion checkpoint names its hash
+            if name == "diffusion.pt" and content.get("autoencoder_sha256") is not None:
+                content["autoencoder_sha256"] = sha256(staged["autoencoder.pt"])
             torch.save(content, staged[name])
         total = sum(os.path.getsize(p) for p in staged.values())
         if total > MAX_BYTES:

@@ -114,10 +114,11 @@ class AttributeStage:
         self.s = settings
 
     def load_table(self) -> SubjectTable:
-        """The private subject table (checked: subject ids, one ED and one ES row, agreement)."""
+        """The private subject table (checked: possible values, subject ids, one ED and one ES row, agreement)."""
         from scripts.data import load_datalist
 
-        items = load_datalist(self.s.datalist, self.s.split)
+        # the ranges make the reader refuse impossible values (LVEDV 1e6 ml), as every training stage does
+        items = load_datalist(self.s.datalist, self.s.split, ranges=self.s.attribute_ranges)
         table = subject_table(items, tuple(self.s.columns), f"{self.s.datalist} ({self.s.split})")
         # a data check the custodian sees before anything is released (it is not part of the release)
         empty = [c for j, c in enumerate(table.columns) if np.isnan(table.values[:, j]).all()]

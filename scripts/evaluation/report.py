@@ -44,6 +44,17 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def privacy_line(report: Mapping[str, Any]) -> str:
+    """The report's one line on the guarantee of the weights the samples were drawn from."""
+    priv = report.get("privacy")
+    if priv:
+        # an infinite epsilon (a run without noise) is null in the JSON report
+        eps = "inf (steps without noise: no DP guarantee)" if priv["epsilon"] is None else f"{priv['epsilon']:.3g}"
+        return f"Model privacy: epsilon = {eps}, delta = {priv['delta']:g}, {priv['privacy_unit']}-level."
+    # samples of the public weights carry the public note (no private data behind them), not a warning
+    return f"Model privacy: {report.get('privacy_warning') or report.get('privacy_note') or 'unknown'}"
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     """The report as Markdown: headline, then every section."""
     h = report["headline"]
@@ -59,13 +70,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"**Caveat.** {report['caveat']}",
         "",
     ]
-    priv = report.get("privacy")
-    if priv:
-        # an infinite epsilon (a run without noise) is null in the JSON report
-        eps = "inf (steps without noise: no DP guarantee)" if priv["epsilon"] is None else f"{priv['epsilon']:.3g}"
-        lines.append(f"Model privacy: epsilon = {eps}, delta = {priv['delta']:g}, {priv['privacy_unit']}-level.")
-    else:
-        lines.append(f"Model privacy: {report.get('privacy_warning', 'unknown')}")
+    lines.append(privacy_line(report))
     lines += ["", "## Headline", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in h.items()]
     lines += ["", "## Segmenter (the measuring instrument) on held-out real volumes", ""]

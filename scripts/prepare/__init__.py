@@ -151,7 +151,7 @@ def _spacing(value: Any) -> float | None:
     except (TypeError, ValueError):
         spacing = math.nan
     if not (math.isfinite(spacing) and spacing > 0):
-        raise ConfigError(f"--spacing must be a number of mm > 0 or 'source'; got {spacing!r}")
+        raise ConfigError(f"--spacing must be a number of mm > 0 or 'source'; got {value!r}")
     return spacing
 
 

@@ -84,7 +84,15 @@ class WriteAheadJournal:
                 stamp = f"{previous.get('started', 'unknown').replace(':', '')}"
                 archived = f"{os.path.splitext(self.path)[0]}.{stamp}.{previous.get('run_id', 'old')}.json"
                 os.replace(self.path, archived)
-                logger.info(f"the ledger of the earlier complete run is kept as {archived}")
+                # the new model does not build on the earlier one, so its report does not compose it; but the
+                # earlier run's outputs (its model, the samples it logged to MLflow) may be out already
+                last = (previous.get("stages") or [{}])[-1]
+                spent = f"{last.get('steps')} steps at sigma {last.get('noise_multiplier')}, started {stamp}"
+                logger.warning(
+                    f"a new DP run on this data: the earlier complete run ({spent}) is not composed into this "
+                    f"model's report, as this model does not build on it; its ledger is kept as {archived}. If the "
+                    "earlier model or its outputs were shared, the data's total privacy loss is the sum of both"
+                )
             self.previous = None
         write_text_atomic(self.path, json.dumps(dict(record), indent=2))
 
