@@ -24,7 +24,6 @@ case; this script is the count across every stage, recorded in benchmarks/README
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import os
@@ -36,7 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,13 +198,6 @@ def in_report(key: str, value) -> Callable[[Path], None]:
     return edit
 
 
-def gzip_garbage(relative: str) -> Callable[[Path], None]:
-    def edit(root: Path) -> None:
-        (root / relative).write_bytes(gzip.compress(b"\0" * 64))
-
-    return edit
-
-
 # ----------------------------------------------------------------------------------- checks of accepted cases
 
 
@@ -236,7 +228,7 @@ class Case:
     edit: Callable[[Path], None] | None = None
     check: Callable[[Path], bool] | None = None  # for accepted cases: the result is right
     timeout: int = 300
-    base: tuple[str, ...] | None = field(default=None)  # instead of the stage's command
+    base: tuple[str, ...] | None = None  # instead of the stage's command
 
 
 def option_cases() -> list[Case]:

@@ -139,7 +139,7 @@ def test_a_complete_runs_ledger_is_kept_not_overwritten(tmp_path, caplog):
         second.step()
     archived = [p for p in tmp_path.iterdir() if p.name.startswith("ledger.") and p.name != "ledger.json"]
     assert len(archived) == 1 and archived[0].read_text() == before
-    # the user is told the earlier run's epsilon is not in the new report, and when it still counts
+    # the user is told the earlier run is not composed into the new report, and when it still counts
     last = json.loads(before)["stages"][-1]
     assert f"earlier complete run ({last['steps']} steps at sigma {last['noise_multiplier']}" in caplog.text
     assert "total privacy loss is the sum" in caplog.text
