@@ -168,6 +168,7 @@ OPTION_FORMS: dict[str, str] = {
     "lr": "number > 0",
     "discriminator_lr": "number > 0",
     "kl_weight": "number >= 0",
+    "ssim_weight": "number >= 0",
     "perceptual_weight": "number >= 0",
     "adversarial_weight": "number >= 0",
     "ema_momentum": "number in (0, 1]",

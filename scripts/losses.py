@@ -1,6 +1,6 @@
 """Losses of the autoencoder stage (as the MONAI Model Zoo bundles keep them: one module).
 
-- :class:`AutoencoderKLLoss`: reconstruction (L1 or L2) + KL, optional perceptual and PatchGAN terms;
+- :class:`AutoencoderKLLoss`: reconstruction (L1 or L2) + KL, optional SSIM, perceptual and PatchGAN terms;
 - :class:`PatchAdversarialTerm`: the PatchGAN term, whose discriminator steps inside the loss call.
 
 The diffusion stages need no loss class: MONAI's ``DiffusionInferer`` and an MSE do.
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 from ignite import distributed as idist
-from monai.losses import PatchAdversarialLoss, PerceptualLoss
+from monai.losses import PatchAdversarialLoss, PerceptualLoss, SSIMLoss
 from monai.networks.nets import PatchDiscriminator
 from scripts.errors import ConfigError
 from scripts.networks import to_slices
@@ -80,7 +80,10 @@ class PatchAdversarialTerm(nn.Module):
 
 
 class AutoencoderKLLoss(nn.Module):
-    """Reconstruction (L1 or L2) + ``kl_weight`` x KL, plus optional perceptual and PatchGAN terms.
+    """Reconstruction (L1 or L2) + ``kl_weight`` x KL, plus optional SSIM, perceptual and PatchGAN terms.
+
+    The SSIM term is MONAI's ``SSIMLoss`` (1 - SSIM) on the 2D slices, data range 1, taken on the
+    reconstruction clipped to the images' [0, 1] range as the fidelity metrics take it.
 
     The perceptual term uses MONAI's ``PerceptualLoss`` (ResNet-50, 2.5D) and is only built
     when ``perceptual_weights`` names a local weights file: nothing is downloaded. The
@@ -89,6 +92,7 @@ class AutoencoderKLLoss(nn.Module):
     Args:
         reconstruction: "l1" or "l2".
         kl_weight: weight of the KL divergence to N(0, I).
+        ssim_weight: weight of the slice SSIM loss (0 disables it).
         perceptual_weight: weight of the perceptual loss (used only with a weights file).
         perceptual_weights: local ResNet-50 weights file, or None to disable.
         adversarial_weight: weight of the PatchGAN generator loss (0 disables it).
@@ -100,6 +104,7 @@ class AutoencoderKLLoss(nn.Module):
         *,
         reconstruction: str = "l1",
         kl_weight: float = 1e-6,
+        ssim_weight: float = 0.0,
         perceptual_weight: float = 0.0,
         perceptual_weights: str | None = None,
         adversarial_weight: float = 0.0,
@@ -110,6 +115,8 @@ class AutoencoderKLLoss(nn.Module):
             raise ConfigError(f"config field 'reconstruction': expected 'l1' or 'l2', got {reconstruction!r}")
         self.reconstruction = nn.L1Loss() if reconstruction == "l1" else nn.MSELoss()
         self.kl_weight = kl_weight
+        self.ssim_weight = ssim_weight
+        self.ssim = SSIMLoss(spatial_dims=2, data_range=1.0) if ssim_weight > 0 else None
         self.perceptual_weight = perceptual_weight if perceptual_weights else 0.0
         self.perceptual = (
             PerceptualLoss(
@@ -132,6 +139,9 @@ class AutoencoderKLLoss(nn.Module):
         var = z_sigma.pow(2)
         kl = 0.5 * (z_mu.pow(2) + var - torch.log(var.clamp_min(1e-12)) - 1).flatten(1).sum(1).mean()
         loss = loss + self.kl_weight * kl
+        if self.ssim is not None:
+            clipped = to_slices(recon.float().clamp(0.0, 1.0))
+            loss = loss + self.ssim_weight * self.ssim(clipped, to_slices(target.float()))
         if self.perceptual is not None:
             loss = loss + self.perceptual_weight * self.perceptual(recon.float(), target.float())
         if self.adversarial is not None:

@@ -11,6 +11,7 @@ the networks are valid for DP-SGD (docs/README.md section 3).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -52,14 +53,34 @@ class SliceAutoencoder(nn.Module):
     travels inside the checkpoint and later stages never recompute it on other data.
 
     Args:
+        posterior_std_init: initial posterior std of every latent element (None: MONAI's
+            initialisation, about 1). MONAI starts the log-variance convolution at random weights,
+            so the decoder first trains on latents whose noise is as large as their signal, and
+            with a KL weight of 1e-6 the std shrinks slowly; a small start lets the short CPU
+            recipes spend their steps on detail (docs/demo_recipe.md). Only the initial weights
+            depend on it.
         kwargs: forwarded to ``monai.networks.nets.AutoencoderKL`` (``spatial_dims`` is 2).
     """
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, posterior_std_init: float | None = None, **kwargs) -> None:
         super().__init__()
         kwargs.pop("spatial_dims", None)
         self.init_kwargs = dict(kwargs)  # stored in checkpoints so later stages rebuild the same network
+        if posterior_std_init is not None:  # absent otherwise, so earlier checkpoints compare equal
+            self.init_kwargs["posterior_std_init"] = posterior_std_init
         self.autoencoder = AutoencoderKL(spatial_dims=2, **kwargs)
+        if posterior_std_init is not None:
+            if (
+                isinstance(posterior_std_init, bool)
+                or not isinstance(posterior_std_init, int | float)
+                or not posterior_std_init > 0
+            ):
+                raise ConfigError(
+                    f"config field 'network_def#posterior_std_init': expected a number > 0, got {posterior_std_init!r}"
+                )
+            log_sigma = self.autoencoder.quant_conv_log_sigma.conv
+            nn.init.zeros_(log_sigma.weight)
+            nn.init.constant_(log_sigma.bias, 2.0 * math.log(posterior_std_init))
         self.register_buffer("scale_factor", torch.tensor(1.0))
         # 0 until the pre-training stage has measured the scale factor on public data.
         self.register_buffer("scale_factor_measured", torch.tensor(False))

@@ -212,6 +212,26 @@ def test_patchgan_term_trains_the_discriminator_in_training_only():
     assert AutoencoderKLLoss().adversarial is None  # off by default
 
 
+def test_ssim_term_is_one_minus_the_slice_ssim_and_off_by_default():
+    from monai.metrics import SSIMMetric
+    from scripts.losses import AutoencoderKLLoss
+    from scripts.networks import to_slices
+
+    torch.manual_seed(0)
+    target = torch.rand(2, 1, 4, 32, 32)
+    recon = (target + 0.2 * torch.randn_like(target)).requires_grad_(True)
+    pred = (recon, torch.zeros(2, 2, 4, 8, 8), torch.ones(2, 2, 4, 8, 8))
+    plain, with_ssim = AutoencoderKLLoss(), AutoencoderKLLoss(ssim_weight=0.5)
+    assert plain.ssim is None
+    ssim = SSIMMetric(spatial_dims=2, data_range=1.0)(to_slices(recon.detach().clamp(0, 1)), to_slices(target)).mean()
+    total = with_ssim(pred, target)
+    assert float(total - plain(pred, target)) == pytest.approx(0.5 * (1.0 - float(ssim)), rel=1e-4)
+    total.backward()
+    assert recon.grad.abs().sum() > 0
+    same = (target, pred[1], pred[2])  # a perfect reconstruction: the SSIM term adds nothing
+    assert float(with_ssim(same, target)) == pytest.approx(float(plain(same, target)), abs=1e-5)
+
+
 def test_patchgan_is_refused_under_torch_distributed(monkeypatch):
     """The discriminator steps outside DDP (its copies would drift apart): refused with more than one process."""
     from ignite import distributed as idist
