@@ -72,9 +72,11 @@ def test_reconstruction_of_a_perfect_autoencoder_passes_its_checks(monkeypatch, 
             return z + 1e-3 * torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
 
     real = load_real(str(cohorts["public"] / "datalist.json"), "test", (16, 64, 64), with_labels=True)
+    figure = str(tmp_path / "eval_reconstructions.png")
     out = evaluate_reconstruction(
-        real, Identity(), None, ReconstructionSettings(), str(tmp_path / "rec"), "cpu", batch_size=2
+        real, Identity(), None, ReconstructionSettings(), str(tmp_path / "rec"), "cpu", batch_size=2, figure=figure
     )
+    assert out["figure"] == figure and open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert out["psnr_db_median"] > 50 and out["ssim_median"] > 0.99
     assert out["classical_detector"]["reconstructions"]["lv_found_rate"] == 1.0
     assert out["contrast"]["ratio_median"] == pytest.approx(1.0, abs=0.01)

@@ -25,6 +25,7 @@ import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 from monai.transforms import ResizeWithPadOrCrop
 from scripts.errors import ConfigError
+from scripts.evaluation import plots
 from scripts.evaluation.lv_detector import detect_many
 from scripts.evaluation.volumes import VolumeSet
 from scripts.files import write_nifti, write_text_atomic
@@ -190,6 +191,7 @@ def evaluate_reconstruction(
     output_dir: str,
     device: str,
     batch_size: int = 4,
+    figure: str | None = None,
 ) -> dict[str, Any]:
     """The ``reconstruction`` section of the report.
 
@@ -202,6 +204,7 @@ def evaluate_reconstruction(
         output_dir: folder of the NIfTI files and the manifest.
         device: device.
         batch_size: volumes per forward pass.
+        figure: PNG path of the first volumes above their reconstructions, or None for none.
 
     Returns:
         the section: medians, per-volume values, both instruments on originals and reconstructions.
@@ -236,6 +239,8 @@ def evaluate_reconstruction(
         }
         if segment is not None:
             out["segmenter"] = {"originals": segment(real.images), "reconstructions": segment(rec)}
+    if figure:
+        out["figure"] = plots.reconstructions(real.ids, real.images, rec, list(zip(psnr, ssim)), figure)
     if settings.split == "private":
         out["note"] = PRIVATE_NOTE
     return out

@@ -124,6 +124,7 @@ def reconstruction_section(
         settings.output_dir or default_dir,
         runtime.device,
         runtime.batch_size,
+        os.path.join(runtime.plots_dir, "eval_reconstructions.png") if runtime.plots_dir else None,
     )
     section["autoencoder"] = data.autoencoder_path
     return section
