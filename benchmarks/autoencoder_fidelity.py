@@ -2,7 +2,7 @@
 
     python benchmarks/autoencoder_fidelity.py [--recipes demo_v041 demo] [--datalist data/private/datalist.json]
         [--split test] [--work outputs/autoencoder_fidelity] [--no_train] [--checkpoints NAME=PATH ...]
-        [--threads 2] [--json out.json]
+        [--threads 2] [--json out.json] [--figure out.png]
 
 Each recipe is the autoencoder stage (``configs/train_autoencoder.yaml`` + ``configs/small_autoencoder.yaml``)
 with overrides, trained by its own bundle command on the PUBLIC training split (``data/public``,
@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=None, help="train every recipe this many epochs (28 steps each)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--figure", default=None, help="PNG of the originals above each recipe's reconstructions")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = (REPO / args.work).resolve()
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     originals, spacing = torch.from_numpy(real.images)[:, None], real.spacing
     rows = [{"recipe": "originals", "lv_found": lv_found(originals, spacing)}]
     measured = [(name, None) for name in args.recipes] + [tuple(c.split("=", 1)) for c in args.checkpoints]
+    figure_rows = []
     for name, path in measured:
         seconds = None if args.no_train or path else train(name, work, args.threads, args.epochs)
         autoencoder = load_autoencoder(path or str(work / name / "models" / "autoencoder.pt"))
@@ -251,6 +253,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         steps = None
         for label, images in ((name, recon), (f"bicubic, {numbers} numbers/slice", bicubic(originals, numbers))):
             psnr, ssim = fidelity(images, originals)
+            if label == name:
+                figure_rows.append((name, images[:, 0].numpy(), list(zip(psnr, ssim))))
             row = {"recipe": label, "numbers_per_slice": numbers, "psnr": float(np.median(psnr))}
             row.update(ssim=float(np.median(ssim)), lv_found=lv_found(images, spacing), seconds=seconds, steps=steps)
             rows.append(row)
@@ -267,6 +271,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"| {r['recipe']} | {r['numbers_per_slice']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {found} | {time_s} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.figure:
+        from scripts.evaluation.plots import reconstructions
+
+        reconstructions(real.ids, real.images, figure_rows, args.figure)
     return rows
 
 

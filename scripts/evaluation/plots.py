@@ -53,38 +53,37 @@ def montage(pairs: Sequence[tuple[str, np.ndarray, str, np.ndarray]], path: str)
 def reconstructions(
     ids: Sequence[str],
     originals: np.ndarray,
-    recs: np.ndarray,
-    scores: Sequence[tuple[float, float]],
+    rows: Sequence[tuple[str, np.ndarray, Sequence[tuple[float, float]]]],
     path: str,
     count: int = 6,
 ) -> str:
-    """Originals (top) above their autoencoder reconstructions (bottom), both at the network's crop.
+    """Originals (top row) above one row of reconstructions per autoencoder, at the network's crop.
 
     Args:
         ids: volume ids.
         originals: (N, D, H, W) originals in [0, 1].
-        recs: (N, D, H, W) reconstructions in [0, 1].
-        scores: (PSNR dB, SSIM) per volume, shown in the titles.
+        rows: (label, (N, D, H, W) reconstructions in [0, 1], (PSNR dB, SSIM) per volume) per row.
         path: PNG path.
         count: volumes shown (the first ``count``).
     """
     plt = _plt()
     n = max(min(count, len(ids)), 1)
-    fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.0), squeeze=False)
+    fig, axes = plt.subplots(1 + len(rows), n, figsize=(1.9 * n, 2.0 * (1 + len(rows))), squeeze=False)
     for c in range(min(count, len(ids))):
         # the middle of the slices with signal (the zero padding is left out): a mid-ventricular slice
         signal = np.flatnonzero(np.ptp(originals[c].reshape(originals.shape[1], -1), axis=1) > 0)
         z = int(signal[len(signal) // 2]) if signal.size else originals.shape[1] // 2
-        for r, (vol, label) in enumerate(((originals[c], "original"), (recs[c], "reconstruction"))):
+        panels = [("original", originals[c], f"{ids[c]} z={z}")]
+        panels += [(label, recs[c], f"{scores[c][0]:.1f} dB, SSIM {scores[c][1]:.2f}") for label, recs, scores in rows]
+        for r, (label, vol, title) in enumerate(panels):
             ax = axes[r, c]
             ax.imshow(vol[z], cmap="gray", vmin=0.0, vmax=1.0)
             ax.set_xticks([])
             ax.set_yticks([])
-            title = f"{ids[c]} z={z}" if r == 0 else f"{scores[c][0]:.1f} dB, SSIM {scores[c][1]:.2f}"
             ax.set_title(title, fontsize=6)
             if c == 0:
                 ax.set_ylabel(label, fontsize=6)
-    fig.suptitle("held-out test volumes (top) and their autoencoder reconstructions (bottom)", fontsize=7)
+    fig.suptitle("held-out test volumes (top) and their autoencoder reconstructions", fontsize=7)
     return _save(fig, path)
 
 

@@ -240,7 +240,9 @@ def evaluate_reconstruction(
         if segment is not None:
             out["segmenter"] = {"originals": segment(real.images), "reconstructions": segment(rec)}
     if figure:
-        out["figure"] = plots.reconstructions(real.ids, real.images, rec, list(zip(psnr, ssim)), figure)
+        out["figure"] = plots.reconstructions(
+            real.ids, real.images, [("reconstruction", rec, list(zip(psnr, ssim)))], figure
+        )
     if settings.split == "private":
         out["note"] = PRIVATE_NOTE
     return out
