@@ -325,3 +325,21 @@ def test_one_slicing_helper():
     assert torch.equal(to_stack(slices, 2), x)
     assert not hasattr(scripts.engines, "_slices") and not hasattr(SliceAutoencoder, "_to_slices")
     assert scripts.losses.to_slices is to_slices
+
+
+def test_posterior_std_init_sets_the_initial_std_and_travels_in_the_checkpoint(tmp_path):
+    from helpers import save_autoencoder, tiny_autoencoder
+    from scripts.errors import ConfigError
+    from scripts.networks import load_autoencoder
+
+    ae = tiny_autoencoder(posterior_std_init=0.01, frozen=False, measured=True)
+    _, sigma = ae.encode(torch.rand(2, 1, 3, 32, 32))
+    assert torch.allclose(sigma, torch.full_like(sigma, 0.01))
+    _, default_sigma = tiny_autoencoder(frozen=False).encode(torch.rand(2, 1, 3, 32, 32))
+    assert float(default_sigma.mean()) > 0.3  # MONAI's own initialisation: about 1
+    assert "posterior_std_init" not in tiny_autoencoder().init_kwargs  # earlier checkpoints compare equal
+    loaded = load_autoencoder(str(save_autoencoder(ae, tmp_path / "ae.pt")))
+    assert loaded.init_kwargs["posterior_std_init"] == 0.01
+    for bad in (0.0, -1.0, "abc", True):
+        with pytest.raises(ConfigError, match="posterior_std_init"):
+            tiny_autoencoder(posterior_std_init=bad)
