@@ -164,9 +164,9 @@ RECIPES: dict[str, tuple[list[str], dict[str, str]]] = {
     "v052_ssim_std": ([], {**V052, "ssim_weight": "0.5", "network_def#posterior_std_init": "0.01"}),
     # v0.5.2 with a slice SSIM term, two residual blocks per level
     "v052_ssim_res2": ([], {**V052, "ssim_weight": "0.5", "network_def#num_res_blocks": "2"}),
-    # the v0.5.3 candidate (not shipped): SSIM term, std 0.01, 80 epochs
-    "v053": ([], {**V052, "epochs": "80", "ssim_weight": "0.5", "network_def#posterior_std_init": "0.01"}),
-    # the current demo recipe (configs/demo_autoencoder.yaml)
+    # the v0.5.3a candidate (not shipped: its diffusion stage lost the ladders): SSIM term, std 0.01, 80 epochs
+    "v053a": ([], {**V052, "epochs": "80", "ssim_weight": "0.5", "network_def#posterior_std_init": "0.01"}),
+    # the current demo recipe (configs/demo_autoencoder.yaml; v0.5.3: SSIM term, 80 epochs)
     "demo": (["configs/demo_autoencoder.yaml"], {}),
 }
 
