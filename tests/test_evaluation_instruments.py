@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.errors import ConfigError
 from scripts.evaluation import LadderSettings, ReconstructionSettings
 from scripts.evaluation.ladders import plan
@@ -80,3 +81,45 @@ def test_reconstruction_of_a_perfect_autoencoder_passes_its_checks(monkeypatch, 
     assert out["psnr_db_median"] > 50 and out["ssim_median"] > 0.99
     assert out["classical_detector"]["reconstructions"]["lv_found_rate"] == 1.0
     assert out["contrast"]["ratio_median"] == pytest.approx(1.0, abs=0.01)
+
+
+def _ring_volumes(values: np.ndarray, seeds) -> np.ndarray:
+    """(B, 16, 64, 64) stacks: a bright pool of the requested LVEDV inside a dark ring, 8 slices
+    tapering to the apex (a pool of constant cross-section is a vessel to the detector)."""
+    lvedv = values[:, ATTRIBUTE_NAMES.index("LVEDV")]
+    taper = np.array([1.0, 1.0, 0.95, 0.9, 0.85, 0.75, 0.65, 0.5])
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 32, xx - 32) * 1.8  # mm
+    out = np.full((len(values), 16, 64, 64), 0.5, dtype=np.float32)
+    for b, v in enumerate(lvedv):
+        radius = np.sqrt(v * 1000.0 / (np.pi * 10.0 * np.sum(taper**2)))  # 10 mm slices
+        for z, t in enumerate(taper, start=4):
+            out[b, z][r < t * radius + 8.0] = 0.1
+            out[b, z][r < t * radius] = 0.9
+    return out
+
+
+def test_ladder_of_a_controlled_model_measures_it_and_draws_it(tmp_path):
+    """A model whose pool grows with the request: rho 1 by both instruments, and the picture is drawn."""
+    from scripts.evaluation.ladders import run_ladders
+    from scripts.evaluation.plots import save_all
+
+    settings = LadderSettings(lvedv=(80, 160, 280), lvef=(), seeds=(0, 1), esed_seeds=())
+
+    def segment(volumes, spacing):
+        return [{"LV_VOLUME": float((v > 0.7).sum() * np.prod(sp) / 1000.0)} for v, sp in zip(volumes, spacing)]
+
+    out = run_ladders(
+        settings, _ring_volumes, segment, (1.8, 1.8, 10.0), lambda m: m["LV_VOLUME"] > 5, figures_dir=str(tmp_path)
+    )
+    lvedv = out["LVEDV"]
+    for instrument in ("segmenter", "classical"):
+        assert lvedv[instrument]["lv_found_rate"] == 1.0
+        assert lvedv[instrument]["spearman_rho_per_seed"] == {"0": 1.0, "1": 1.0}
+    # the classical detector measures the drawn pools (80 / 160 / 280 ml, pixelated)
+    assert np.allclose(lvedv["classical"]["measured_ml"][:3], (80, 160, 280), rtol=0.1)
+    figure = tmp_path / "eval_ladder_LVEDV.png"
+    assert lvedv["figure"] == str(figure) and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert save_all({"ladders": out}, {}, str(tmp_path)) == {"ladder_LVEDV": str(figure)}
+    # without a folder nothing is drawn
+    assert "figure" not in run_ladders(settings, _ring_volumes, segment, (1.8, 1.8, 10.0), lambda m: True)["LVEDV"]

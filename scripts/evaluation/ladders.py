@@ -13,6 +13,9 @@ instruments (the segmenter and the classical detector):
 - ``ESED``: ED and ES of the same seed with nothing else cardiac; ED/ES accuracy = fraction of
   pairs whose ED member has the larger LV volume.
 
+The LVEDV ladder's images are drawn (``eval_ladder_LVEDV.png``, with both instruments' volumes),
+so a reader can see whether the blood pool grows inside a closed ring.
+
 Sampling is the bundle's own (``scripts.synthesis.Synthesizer``), with the sampler, steps,
 guidance and weights of the synthetic set under evaluation (its sidecars), so the ladders
 measure the model as it was used.
@@ -21,6 +24,7 @@ measure the model as it was used.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +32,7 @@ from typing import Any
 import numpy as np
 from scripts.attributes import ATTRIBUTE_NAMES
 from scripts.errors import ConfigError
+from scripts.evaluation import plots
 from scripts.evaluation.control import correlation
 from scripts.evaluation.lv_detector import detect_many
 
@@ -142,6 +147,7 @@ def run_ladders(
     spacing: Sequence[float],
     lv_found: Callable[[Mapping[str, float]], bool],
     batch_size: int = 4,
+    figures_dir: str | None = None,
 ) -> dict[str, Any]:
     """Generate and measure every ladder.
 
@@ -152,6 +158,7 @@ def run_ladders(
         spacing: (sx, sy, sz) of the generated volumes (the synthetic set's).
         lv_found: the segmenter's "LV found" rule (``scripts.evaluation.control.lv_found``).
         batch_size: volumes generated together.
+        figures_dir: folder of ``eval_ladder_LVEDV.png`` (the LVEDV ladder's images); None draws none.
 
     Returns:
         ``{ladder name: statistics}`` with both instruments under ``segmenter`` and ``classical``.
@@ -179,4 +186,14 @@ def run_ladders(
             "classical": {"found": [d.found for d in classical], "volume": [d.volume_ml for d in classical]},
         }
         out[name] = _ladder_stats(name, requests, seeds, per_instrument)
+        if figures_dir and name == "LVEDV":  # the only ladder whose images should differ along a row
+            col = ATTRIBUTE_NAMES.index(name)
+            out[name]["figure"] = plots.ladder(
+                volumes,
+                [r[col] for r in requests],
+                seeds,
+                {inst: v["volume"] for inst, v in per_instrument.items()},
+                name,
+                os.path.join(figures_dir, f"eval_ladder_{name}.png"),
+            )
     return out

@@ -132,6 +132,43 @@ def sweep_curve(sweep: Mapping[str, Any], path: str) -> str:
     return _save(fig, path)
 
 
+def ladder(
+    volumes: np.ndarray,
+    requested: Sequence[float],
+    seeds: Sequence[int],
+    measured: Mapping[str, Sequence[float]],
+    attribute: str,
+    path: str,
+) -> str:
+    """A single-attribute ladder: one row per seed, one column per requested value, middle slice.
+
+    Args:
+        volumes: (N, D, H, W) generated volumes in [0, 1], in the ladder's order.
+        requested: the requested value of each volume.
+        seeds: the sampling seed of each volume.
+        measured: {instrument: LV volume (ml) of each volume, 0 where it found none}.
+        attribute: the ladder's attribute.
+        path: PNG path.
+    """
+    plt = _plt()
+    rows = sorted({int(s) for s in seeds})
+    cols = sorted({float(v) for v in requested})
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.6 * len(cols), 1.75 * len(rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    unit = ATTRIBUTE_UNITS.get(attribute, "")
+    for i, (vol, value, seed) in enumerate(zip(volumes, requested, seeds, strict=True)):
+        ax = axes[rows.index(int(seed)), cols.index(float(value))]
+        ax.imshow(vol[vol.shape[0] // 2], cmap="gray", vmin=0.0, vmax=1.0)
+        ax.set_title(" / ".join(f"{m[i]:.0f}" for m in measured.values()), fontsize=6)
+        if cols.index(float(value)) == 0:
+            ax.text(-0.08, 0.5, f"seed {seed}", transform=ax.transAxes, rotation=90, va="center", ha="right", size=6)
+        if rows.index(int(seed)) == len(rows) - 1:
+            ax.text(0.5, -0.08, f"{value:g} {unit}", transform=ax.transAxes, va="top", ha="center", fontsize=6)
+    fig.suptitle(f"{attribute} alone (requested below), middle slice; LV ml above: {' / '.join(measured)}", fontsize=7)
+    return _save(fig, path)
+
+
 def membership(result: Mapping[str, Any], path: str, title: str = "membership inference") -> str:
     """Histogram of member / non-member scores and the ROC curve."""
     from scripts.evaluation.audit import roc_curve
@@ -188,6 +225,9 @@ def save_all(report: Mapping[str, Any], extras: Mapping[str, Any], out_dir: str)
         paths[f"sweep_{sweep['attribute']}"] = sweep_curve(
             sweep, os.path.join(out_dir, f"eval_sweep_{sweep['attribute']}.png")
         )
+    for name, ladder_result in (report.get("ladders") or {}).items():
+        if isinstance(ladder_result, Mapping) and ladder_result.get("figure"):  # drawn by the ladder section
+            paths[f"ladder_{name}"] = ladder_result["figure"]
     audit = report.get("privacy_audit", {})
     if extras.get("mia"):
         paths["membership"] = membership(extras["mia"], os.path.join(out_dir, "eval_membership.png"))

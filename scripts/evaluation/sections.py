@@ -213,6 +213,7 @@ def ladder_section(
         data.candidates.spacing[0],
         lambda m: control.lv_found(m, runtime.min_lv_ml),
         runtime.batch_size,
+        runtime.plots_dir,
     )
     out["sampler"] = {k: data.sidecar.get(k) for k in ("sampler", "steps", "guidance_scale", "weights")}
     return out
