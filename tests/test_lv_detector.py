@@ -83,6 +83,24 @@ def test_finds_no_lv_in_negative_controls():
     assert detect_lv(phantom, SPACING).found
 
 
+def test_a_vessel_and_its_first_slices_are_no_lv():
+    """A bright tube of constant cross-section in a dark wall (the descending aorta) is no LV, nor
+    is its first few slices (each prefix of a track is a track, shorter than the tube test looks at)."""
+    d, h, w = DEMO_SIZE
+    r = np.hypot(*(np.mgrid[:h, :w] - np.array([h / 2, w / 2])[:, None, None])) * SPACING[0]  # mm
+    tube = np.full(DEMO_SIZE, 0.5, np.float32)
+    tube[4:12][:, r < 26.0] = 0.1
+    tube[4:12][:, r < 18.0] = 0.9
+    result = detect_lv(tube, SPACING)
+    assert not result.found, f"a tube found as an LV: {result.volume_ml:.1f} ml, slices {result.slices}"
+    # the same pool tapering towards an apex is a ventricle
+    ventricle = np.full(DEMO_SIZE, 0.5, np.float32)
+    for z, t in enumerate((1.0, 1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5), start=4):
+        ventricle[z][r < 18.0 * t + 8.0] = 0.1
+        ventricle[z][r < 18.0 * t] = 0.9
+    assert detect_lv(ventricle, SPACING).slices == list(range(4, 12))
+
+
 def test_rejects_a_volume_of_the_wrong_rank():
     with pytest.raises(ValueError, match="D, H, W"):
         detect_lv(np.zeros((64, 64)), SPACING)

@@ -265,12 +265,15 @@ def detect_lv(volume: np.ndarray, spacing: Sequence[float], settings: DetectorSe
     # the LV is the longest track (the atria above the base span fewer slices), then the widest;
     # a tube of constant cross-section (the descending aorta) is not a tapering ventricle
     voxel_ml = sx * sy * sz / 1000.0
+    # ``tracks`` holds every prefix of every track; a prefix of a tube is part of that vessel, not
+    # a short ventricle (shorter than ``tube_min_slices``, it would pass the tube test on its own)
+    tubes = [tr for tr in tracks if _is_tube([c["area"] for _, c in tr], s)]
     tracks = [
         tr
         for tr in tracks
         if len(tr) >= s.min_slices
         and sum(c["area"] for _, c in tr) * voxel_ml >= s.min_volume_ml
-        and not _is_tube([c["area"] for _, c in tr], s)
+        and not any(len(tube) >= len(tr) and all(a[1] is b[1] for a, b in zip(tr, tube)) for tube in tubes)
     ]
     if not tracks:
         return LVDetection(found=False, volume_ml=0.0)
