@@ -10,7 +10,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check --no-input
 # the stage settings are in configs/demo_*.yaml (benchmarks/privacy_utility.py uses the same),
 # the steps in tools/demo.py (each a bundle command, printed when it starts, two at a time).
 # CPU, 2 cores: benchmarks/README.md lists each stage's time; `make demo` prints them at the end.
-DEMO_PUBLIC_SUBJECTS ?= 80
+DEMO_PUBLIC_SUBJECTS ?= 40
 DEMO_PRIVATE_SUBJECTS ?= 40
 DEMO_TIMES ?= outputs/demo_times.tsv
 # the demo starts from the shipped PUBLIC pre-trained weights (models/demo/, written by `make pretrain`,

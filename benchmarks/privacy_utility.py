@@ -198,7 +198,7 @@ def table(rows: list[dict]) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="outputs/privacy_utility", help="bundle root of the benchmark's runs")
-    parser.add_argument("--public_subjects", type=int, default=80, help="the demo's public cohort")
+    parser.add_argument("--public_subjects", type=int, default=40, help="the demo's public cohort")
     parser.add_argument("--private_subjects", type=int, default=160)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[math.inf, 10.0, 5.0, 1.0])
     parser.add_argument("--scratch_epsilons", type=float, nargs="+", default=[10.0, math.inf])

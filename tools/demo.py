@@ -17,7 +17,7 @@ another, its own log file. Two things differ from typing the commands one after 
   use both cores (they run faster on two than on one, and a second job beside the diffusion stage
   slows it), the short steps one each, side by side.
 
-    python -m tools.demo [--public_subjects 80 --private_subjects 40 --times outputs/demo_times.tsv]
+    python -m tools.demo [--public_subjects 40 --private_subjects 40 --times outputs/demo_times.tsv]
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def pretraining_steps() -> list[Step]:
     ]
 
 
-def pretrain_steps(public_subjects: int = 80, private_subjects: int = 40, out: str = "models/demo") -> list[Step]:
+def pretrain_steps(public_subjects: int = 40, private_subjects: int = 40, out: str = "models/demo") -> list[Step]:
     """``make pretrain``: the cohorts, the two public pre-training stages, then the weights shipped in ``out``.
 
     Args:
@@ -157,7 +157,7 @@ def pretrain_steps(public_subjects: int = 80, private_subjects: int = 40, out: s
 
 
 def demo_steps(
-    public_subjects: int = 80,
+    public_subjects: int = 40,
     private_subjects: int = 40,
     logs: str = "outputs/demo_logs",
     pretrained: str | None = None,
@@ -371,7 +371,7 @@ def run_steps(steps: Sequence[Step], times: str, cores: int = 2) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of ``make demo``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--public_subjects", type=int, default=80)
+    parser.add_argument("--public_subjects", type=int, default=40)
     parser.add_argument("--private_subjects", type=int, default=40)
     parser.add_argument("--times", default="outputs/demo_times.tsv", help="stage-times file (replaced)")
     parser.add_argument("--logs", default="outputs/demo_logs", help="logs of the steps run beside another")
